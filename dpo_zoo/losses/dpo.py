@@ -1,0 +1,126 @@
+"""DPO (sigmoid) with conservative label smoothing, plus IPO and hinge as context losses (spec §1).
+
+Rafailov et al., *Direct Preference Optimization: Your Language Model is Secretly a Reward Model*,
+NeurIPS 2023, arXiv:2305.18290, Eq. 7. IPO: Azar et al., arXiv:2310.12036, Eq. 17. Hinge: SLiC
+(Zhao et al., arXiv:2305.10425).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Loss, LossOutput, Need, PairBatch, register_loss
+
+
+def check_beta(beta: float) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
+@dataclass
+class DPOConfig:
+    """``beta`` (β, default 0.1 as in TRL and SamPO App. C); ``label_smoothing`` (ε ∈ [0, 0.5), cDPO,
+    default 0 = DPO)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@register_loss("dpo")
+class DPOLoss(Loss):
+    """DPO: ``L = −(1−ε) log σ(β h) − ε log σ(−β h)`` (ε = 0 is DPO, ε > 0 is cDPO).
+
+    ``h = [log π_θ(y_w) − log π_ref(y_w)] − [log π_θ(y_l) − log π_ref(y_l)]`` on summed log-probs.
+    Rewards ``r(y) = β ℓ_θ(y)`` (detached). Gradients: ``∂L/∂log π_θ(y_w) = −β σ(−βh)`` for ε = 0.
+
+    Hyperparameters: ``beta`` = 0.1, ``label_smoothing`` = 0.
+    Paper: Rafailov et al. 2023, arXiv:2305.18290, Eq. 7; cDPO from the official repo
+    (eric-mitchell/direct-preference-optimization, ``trainers.py::preference_loss``).
+    """
+
+    Config = DPOConfig
+    requires = frozenset({Need.SEQUENCE_LOGPS})
+    paper = "Rafailov et al., Direct Preference Optimization, NeurIPS 2023"
+    arxiv = "2305.18290"
+
+    def forward(self, batch: PairBatch) -> LossOutput:
+        beta, eps = self.config.beta, self.config.label_smoothing
+        chosen_ratio, rejected_ratio = batch.log_ratios()
+        logits = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        return LossOutput(
+            losses=losses,
+            chosen_rewards=(beta * chosen_ratio).detach(),
+            rejected_rewards=(beta * rejected_ratio).detach(),
+        )
+
+
+@dataclass
+class IPOConfig:
+    """``beta`` (τ in Azar et al.; the regression target is ``1/(2τ)``), default 0.1."""
+
+    beta: float = 0.1
+
+    def __post_init__(self):
+        check_beta(self.beta)
+
+
+@register_loss("ipo")
+class IPOLoss(Loss):
+    """IPO (context loss): ``L = (h − 1/(2τ))²`` with τ = ``beta``, on **summed** log-probs.
+
+    This is the DPO repo's and the IS-DAA repo's form. TRL and SamPO's trainer instead divide each
+    sequence log-ratio by its token count first (spec §1); to train that form, pass per-token-averaged
+    log-probs as the sequence log-probs. Rewards ``β ℓ_θ(y)``.
+
+    Paper: Azar et al., *A General Theoretical Paradigm to Understand Learning from Human
+    Preferences*, AISTATS 2024, arXiv:2310.12036, Eq. 17.
+    """
+
+    Config = IPOConfig
+    requires = frozenset({Need.SEQUENCE_LOGPS})
+    paper = "Azar et al., A General Theoretical Paradigm to Understand Learning from Human Preferences, AISTATS 2024"
+    arxiv = "2310.12036"
+
+    def forward(self, batch: PairBatch) -> LossOutput:
+        beta = self.config.beta
+        chosen_ratio, rejected_ratio = batch.log_ratios()
+        h = chosen_ratio - rejected_ratio
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        return LossOutput(
+            losses=losses,
+            chosen_rewards=(beta * chosen_ratio).detach(),
+            rejected_rewards=(beta * rejected_ratio).detach(),
+        )
+
+
+@register_loss("hinge")
+class HingeLoss(Loss):
+    """Hinge / SLiC (context loss): ``L = max(0, 1 − β h)``; rewards ``β ℓ_θ(y)``.
+
+    Hyperparameter: ``beta`` = 0.1 (the margin is ``1/β`` in log-ratio units).
+    Paper: Zhao et al., *SLiC-HF: Sequence Likelihood Calibration with Human Feedback*, arXiv:2305.10425.
+    """
+
+    Config = IPOConfig
+    requires = frozenset({Need.SEQUENCE_LOGPS})
+    paper = "Zhao et al., SLiC-HF: Sequence Likelihood Calibration with Human Feedback, 2023"
+    arxiv = "2305.10425"
+
+    def forward(self, batch: PairBatch) -> LossOutput:
+        beta = self.config.beta
+        chosen_ratio, rejected_ratio = batch.log_ratios()
+        losses = torch.relu(1.0 - beta * (chosen_ratio - rejected_ratio))
+        return LossOutput(
+            losses=losses,
+            chosen_rewards=(beta * chosen_ratio).detach(),
+            rejected_rewards=(beta * rejected_ratio).detach(),
+        )
