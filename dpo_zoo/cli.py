@@ -1,0 +1,162 @@
+"""The ``dpo-zoo`` command.
+
+    dpo-zoo losses [--json]                          the registry: names, papers, needs, defaults
+    dpo-zoo prep CONFIG.yaml [key=value ...] [--verify]
+    dpo-zoo train CONFIG.yaml [loss=<name>] [loss.beta=0.05] [key=value ...]
+    dpo-zoo compare RUN [RUN ...] --data PREPARED [--losses all] [--output DIR]
+
+Also runnable as ``python -m dpo_zoo.cli`` (what the ``deepspeed`` launcher needs:
+``deepspeed --num_gpus 2 -m dpo_zoo.cli train CONFIG.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, load_config
+
+
+def _split_overrides(items: List[str]):
+    files = [x for x in items if "=" not in x]
+    overrides = [x for x in items if "=" in x]
+    return files, overrides
+
+
+def loss_table_rows():
+    """One row per registered name: name, family class, paper (arXiv), needs, hyperparameter defaults."""
+    from .losses import describe_needs, registered_losses
+
+    rows = []
+    for name, entry in sorted(registered_losses().items()):
+        cls = entry.cls
+        rows.append(
+            {
+                "name": name,
+                "summary": entry.summary,
+                "paper": cls.paper,
+                "arxiv": cls.arxiv,
+                "needs": describe_needs(entry),
+                "defaults": entry.defaults(),
+            }
+        )
+    return rows
+
+
+def format_loss_table(rows) -> str:
+    """The markdown table printed by ``dpo-zoo losses`` (and kept in docs/losses.md)."""
+
+    def fmt(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    lines = [
+        "| name | paper | arXiv | needs | hyperparameters (defaults) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        hparams = ", ".join(f"{k}={fmt(v)}" for k, v in row["defaults"].items())
+        lines.append(
+            f"| `{row['name']}` | {row['paper']} | {row['arxiv']} | {', '.join(row['needs'])} | {hparams} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_losses(args) -> int:
+    rows = loss_table_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(format_loss_table(rows))
+        print("\nneeds: sequence_logps = summed log-probs; token_logps = per-token log-probs + masks; "
+              "vocab_logps = full-vocabulary log-probs (reference may be top-k from the cache); "
+              "[x] = optional.")
+    return 0
+
+
+def cmd_prep(args) -> int:
+    from .prep import run_prep, verify_prepared
+
+    files, overrides = _split_overrides(args.config)
+    cfg = load_config(files, overrides)
+    if args.verify:
+        return verify_prepared(cfg)
+    run_prep(cfg)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+
+    files, overrides = _split_overrides(args.config)
+    cfg = load_config(files, overrides)
+    train(cfg)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    files, overrides = _split_overrides(args.overrides or [])
+    cfg = load_config(files, overrides)
+    run_compare(
+        cfg,
+        runs=args.runs,
+        data=args.data,
+        losses=args.losses,
+        output_dir=args.output,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("losses", help="list the registered losses")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_losses)
+
+    p = sub.add_parser("prep", help="validate, tokenize and cache reference log-probs")
+    p.add_argument("config", nargs="+", help="YAML file(s) then key=value overrides")
+    p.add_argument("--verify", action="store_true", help="check an existing prepared set and exit")
+    p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("train", help="train one loss of the registry")
+    p.add_argument("config", nargs="+", help="YAML file(s) then key=value overrides, e.g. loss=sampo")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="compare trained runs (or losses) on held-out pairs")
+    p.add_argument("runs", nargs="+", help="run folders (or one model folder with --losses all)")
+    p.add_argument("--data", required=True, help="a prepared held-out set (dpo-zoo prep output)")
+    p.add_argument("--losses", default=None, help="'all' or comma-separated loss names: score one model under each")
+    p.add_argument("--output", default=None, help="report folder (default: compare.output_dir)")
+    p.add_argument("--config", dest="overrides", nargs="*", help="YAML file(s) and key=value overrides")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"dpo-zoo {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpo-zoo {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        # Errors we raise on purpose carry their own clear message (file, row, field); show it plainly.
+        from .errors import USER_ERRORS
+
+        if isinstance(err, USER_ERRORS):
+            print(f"dpo-zoo {args.command}: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
