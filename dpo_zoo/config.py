@@ -139,7 +139,10 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
+    # Resume from the last checkpoint in output_dir when there is one.
     resume: bool = True
+    # A finished run with the same config is reused (not retrained) unless this is true.
+    overwrite: bool = False
     progress: bool = True
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -1,0 +1,631 @@
+"""One pairwise trainer for every registered loss, on a DeepSpeed engine.
+
+Reads top to bottom: set up the run → open the prepared sets (the reference cache) → load the policy
+(full fine-tuning or LoRA) → preflight → reference (cache, or live when asked or needed) → DeepSpeed
+engine → resume → loop (forward, loss, finite checks, backward, step, log, evaluate, checkpoint) → save.
+
+The trainer never asks which loss it has: it reads the loss's declared needs (``requires`` /
+``optional``), builds the batch those needs call for (:mod:`dpo_zoo.batching`), and reduces the
+per-pair losses it gets back: ``mean_i(weight_i · L_i)`` per micro-batch. DeepSpeed averages over
+gradient-accumulation steps and ranks, so a step's gradient is the mean over its
+``micro_batch_size × gradient_accumulation_steps × world_size`` pairs, whatever their split
+(batch 8 × accumulation 1 ≡ batch 1 × accumulation 8).
+
+Data order is a seeded permutation per epoch; the pairs of step ``s`` are positions
+``[s·G, (s+1)·G)`` of that order (``G`` = global batch), so a resumed run sees exactly the pairs an
+uninterrupted one would, and a random generator for losses that sample (SamPO) is seeded from
+``(seed, step, micro-step, rank)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .batching import Collated, cache_reference_fields, collate, loss_wants, pair_batch
+from .config import as_dict, loss_hparams, save_resolved
+from .errors import CacheError, TrainingError
+from .losses import Loss, LossOutput, Need, build_loss
+
+RUN_FILE = "run.json"
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoints"
+
+# ==================================================================== setup
+
+
+@dataclass
+class Run:
+    """Where this process stands: distributed rank, device, output folder, loggers."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    output_dir: Path
+    log_file: Any = None
+    tensorboard: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if self.tensorboard is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU); a plain `python` run is world 1."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # not under a launcher: a one-process group of our own
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+        )
+    if not torch.distributed.is_initialized():
+        backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend)
+    return (
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def setup_run(cfg) -> Run:
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world, local_rank = init_distributed()
+    accelerator = get_accelerator()
+    device = torch.device("cpu") if accelerator.device_name() == "cpu" else torch.device(accelerator.device_name(local_rank))
+    output_dir = Path(cfg.train.output_dir)
+    run = Run(rank=rank, world_size=world, local_rank=local_rank, device=device, output_dir=output_dir)
+    if run.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, output_dir / "config.yaml")
+        run.log_file = open(output_dir / "logs.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:  # tensorboard is an install requirement; tolerate its absence anyway
+            run.tensorboard = None
+    torch.manual_seed(cfg.train.seed)
+    return run
+
+
+# ==================================================================== data
+
+
+def open_prepared(cfg) -> Tuple[Any, Optional[Any]]:
+    """The prepared train set and, when present, the held-out set (``<prep.output_dir>/{train,heldout}``)."""
+    from .cache import PreparedSet
+
+    root = Path(cfg.prep.output_dir)
+    train_path = root / "train"
+    if not (train_path / "manifest.json").exists():
+        raise CacheError(
+            f"no prepared training set at {train_path}: run `dpo-zoo prep` with the same config first"
+        )
+    train_set = PreparedSet.open(train_path)
+    heldout_path = root / "heldout"
+    heldout = PreparedSet.open(heldout_path) if (heldout_path / "manifest.json").exists() else None
+    if heldout is not None and len(heldout) == 0:
+        heldout = None
+    return train_set, heldout
+
+
+def pair_order(n_pairs: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_pairs, generator=generator)
+
+
+def micro_batch_indices(n_pairs: int, seed: int, step: int, micro: int, cfg_train, rank: int, world: int) -> List[int]:
+    """Dataset indices of one rank's micro-batch: global positions of step ``step`` in the epoch order."""
+    size = cfg_train.micro_batch_size
+    global_batch = size * cfg_train.gradient_accumulation_steps * world
+    first = step * global_batch + (micro * world + rank) * size
+    out = []
+    for position in range(first, first + size):
+        epoch, offset = divmod(position, n_pairs)
+        out.append(int(pair_order(n_pairs, seed, epoch)[offset]))
+    return out
+
+
+# ==================================================================== model and reference
+
+
+def load_policy(cfg, run: Run):
+    from .models import load_model, load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.train.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.train.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model, tokenizer, model_path
+
+
+def choose_reference(cfg, loss: Loss, train_set) -> str:
+    """'cache' or 'live'. ``auto`` takes the cache when it holds every reference field the loss reads."""
+    if not loss.needs_reference:
+        return "none"
+    missing = missing_from_cache(loss, train_set)
+    mode = cfg.train.reference
+    if mode == "auto":
+        return "live" if missing else "cache"
+    if mode == "cache" and missing:
+        raise TrainingError(
+            f"loss '{loss.name}' needs {', '.join(missing)}, which the prepared set at {train_set.path} does "
+            f"not hold (it provides: {', '.join(sorted(train_set.provides))}). Prepare with `prep.topk=<k>` "
+            "for vocabulary-level losses, or train with `train.reference=live`."
+        )
+    return mode
+
+
+def missing_from_cache(loss: Loss, train_set) -> List[str]:
+    provides = set(train_set.provides)
+    missing = []
+    for need in sorted(loss_wants(loss) & {Need.SEQUENCE_LOGPS, Need.TOKEN_LOGPS, Need.VOCAB_LOGPS}, key=str):
+        if need in loss.requires and need.value not in provides:
+            missing.append(need.value)
+    return missing
+
+
+def preflight(cfg, loss: Loss, train_set, policy, tokenizer, model_path: Path, reference_mode: str) -> None:
+    """Refuse runs that cannot be right, before any compute is spent."""
+    from .models import tokenizer_fingerprint, weights_fingerprint
+
+    problems = []
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    if trainable == 0:
+        problems.append("nothing to train: no parameter of the policy requires a gradient")
+    beta = getattr(loss.config, "beta", None)
+    if beta is not None and not beta > 0:
+        problems.append(f"loss.beta must be > 0, got {beta}")
+    key = train_set.key
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    if key.get("tokenizer") and key["tokenizer"] != tokenizer_hash:
+        problems.append(
+            f"the prepared set at {train_set.path} was tokenized with another tokenizer "
+            f"({str(key['tokenizer'])[:12]}…) than the policy's ({tokenizer_hash[:12]}…): prepare it again "
+            "with this model"
+        )
+    if reference_mode == "cache" and key.get("model_weights"):
+        weights = weights_fingerprint(model_path)
+        if dict(key["model_weights"]) != weights:
+            problems.append(
+                f"the reference log-probs at {train_set.path} were computed by another model "
+                f"than the policy's initial weights at {model_path}: prepare again with this model, or train "
+                "with `train.reference=live`"
+            )
+    if problems:
+        raise TrainingError("cannot train:\n  - " + "\n  - ".join(problems))
+
+
+def build_reference(cfg, policy, model_path: Path, reference_mode: str, run: Run):
+    """(reference model, context to run it in) for a live reference; (None, None) with the cache."""
+    if reference_mode != "live":
+        return None, None
+    if cfg.train.lora.enabled:
+        # The frozen base weights under the adapter are the reference: no second copy in memory.
+        return policy, policy.disable_adapter
+    from .models import load_model
+
+    reference = load_model(model_path, dtype=cfg.train.precision, trust_remote_code=cfg.model.trust_remote_code)
+    reference.to(run.device).eval().requires_grad_(False)
+    return reference, None
+
+
+# ==================================================================== the DeepSpeed engine
+
+
+def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:
+    t = cfg.train
+    ds: Dict[str, Any] = {}
+    if t.deepspeed.config_file:
+        ds = json.loads(Path(t.deepspeed.config_file).read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        train_batch_size=t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        gradient_clipping=t.max_grad_norm,
+        steps_per_print=10**9,
+        wall_clock_breakdown=False,
+    )
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = t.deepspeed.zero_stage
+    if t.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if t.deepspeed.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    ds["zero_optimization"] = zero
+    ds["bf16"] = {"enabled": t.precision == "bfloat16"}
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    if t.deepspeed.offload_optimizer:
+        # ZeRO-Offload needs DeepSpeed's own CPU Adam; it builds it from this section.
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
+        }
+    return ds
+
+
+class LinearWarmupSchedule:
+    """LR factor: linear warm-up over ``warmup_steps``, then constant, linear or cosine decay to 0 at
+    ``max_steps``. A plain object (not a lambda) so the scheduler's state dict holds only numbers and
+    reloads with ``weights_only=True``."""
+
+    def __init__(self, warmup_steps: int, max_steps: int, kind: str):
+        self.warmup_steps, self.max_steps, self.kind = warmup_steps, max_steps, kind
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(cfg, policy, run: Run):
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, run.world_size)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if "optimizer" in ds_config:
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    t = cfg.train
+    schedule = LinearWarmupSchedule(t.warmup_steps, t.max_steps, t.lr_schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=policy,
+        model_parameters=params,
+        optimizer=optimizer,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    _use_safe_checkpoint_loading(engine)
+    return engine
+
+
+def _use_safe_checkpoint_loading(engine) -> None:
+    """DeepSpeed loads its checkpoint files with ``weights_only=False`` (full unpickling). Swap in an
+    engine that loads with ``weights_only=True`` and allows only the few DeepSpeed types its files hold."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from .safe_load import safe_torch_load
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path, map_location=None):
+            return safe_torch_load(path, map_location=map_location)
+
+    current = engine.checkpoint_engine
+    if isinstance(current, TorchCheckpointEngine):
+        safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
+        safe.__dict__.update(current.__dict__)
+        engine.checkpoint_engine = safe
+
+
+# ==================================================================== the loop
+
+
+def _micro_generator(loss: Loss, run: Run, seed: int, step: int, micro: int) -> Optional[torch.Generator]:
+    if Need.GENERATOR not in loss_wants(loss):
+        return None
+    generator = torch.Generator(device=run.device)
+    generator.manual_seed((seed * 1_000_003 + step) * 65_537 + micro * 257 + run.rank)
+    return generator
+
+
+def reduce_losses(output: LossOutput, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The micro-batch loss: ``mean_i(w_i · L_i)`` (w = 1 when the data has no weights)."""
+    losses = output.losses
+    if weight is not None:
+        losses = losses * weight.to(losses.dtype)
+    return losses.mean()
+
+
+def batch_metrics(output: LossOutput, forward, collated: Collated) -> Dict[str, float]:
+    """TRL's metric names, plus the loss's own scalar/per-pair metrics and our namespaced extras."""
+    chosen_r, rejected_r = output.chosen_rewards.float(), output.rejected_rewards.float()
+    metrics = {
+        "rewards/chosen": chosen_r.mean().item(),
+        "rewards/rejected": rejected_r.mean().item(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+        "rewards/margins": (chosen_r - rejected_r).mean().item(),
+        "logps/chosen": forward.policy_chosen.sums().detach().float().mean().item(),
+        "logps/rejected": forward.policy_rejected.sums().detach().float().mean().item(),
+        "len/chosen": forward.policy_chosen.mask.sum(-1).float().mean().item(),
+        "len/rejected": forward.policy_rejected.mask.sum(-1).float().mean().item(),
+    }
+    if forward.policy_chosen.logits_mean is not None:
+        metrics["logits/chosen"] = forward.policy_chosen.logits_mean.float().mean().item()
+        metrics["logits/rejected"] = forward.policy_rejected.logits_mean.float().mean().item()
+    if "is_tie" in collated.per_pair:
+        metrics["rewards/ties"] = collated.per_pair["is_tie"].float().mean().item()
+    for name, value in output.metrics.items():
+        if isinstance(value, torch.Tensor) and value.dim() <= 1 and value.numel() > 0:
+            metrics[name if "/" in name else f"loss/{name}"] = value.detach().float().mean().item()
+    return metrics
+
+
+class GradientWatch:
+    """Flags a non-finite gradient of any trainable parameter, checked once per backward.
+
+    Hooks accumulate one boolean on the device (no host sync per parameter); :meth:`check` reads it.
+    """
+
+    def __init__(self, params):
+        self.finite = None
+        self.handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
+
+    def _hook(self, grad):
+        ok = torch.isfinite(grad).all()
+        self.finite = ok if self.finite is None else self.finite & ok
+        return grad
+
+    def check(self) -> bool:
+        ok = True if self.finite is None else bool(self.finite.item())
+        self.finite = None
+        return ok
+
+
+def _mean_over_ranks(values: Dict[str, float], run: Run) -> Dict[str, float]:
+    if run.world_size == 1 or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return {k: v / run.world_size for k, v in zip(keys, tensor.tolist())}
+
+
+def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference=(None, None)) -> Dict[str, float]:
+    """Loss and metrics over the whole held-out set (each rank a slice), ``eval_``-prefixed."""
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    size = cfg.train.micro_batch_size
+    mine = list(range(run.rank * size, len(dataset), run.world_size * size))
+    sums: Dict[str, float] = {}
+    count = 0.0
+    with torch.no_grad():
+        for start in mine:
+            indices = list(range(start, min(start + size, len(dataset))))
+            collated = collate(dataset.rows(indices), pad_id).to(run.device)
+            generator = _micro_generator(loss, run, cfg.train.seed, -1, start)  # fixed draws: a stable eval
+            forward = pair_batch(loss, module, collated, reference_model=reference[0], reference_context=reference[1], generator=generator)
+            output = loss(forward.batch)
+            metrics = batch_metrics(output, forward, collated)
+            metrics["loss"] = reduce_losses(output, collated.per_pair.get("weight")).item()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * len(indices)
+            count += len(indices)
+    if run.world_size > 1:
+        keys = sorted(set(sums) | {"loss"})
+        tensor = torch.tensor([sums.get(k, 0.0) for k in keys] + [count], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        sums, count = dict(zip(keys, tensor[:-1].tolist())), tensor[-1].item()
+    if was_training:
+        module.train()
+    return {f"eval_{k}": v / max(count, 1) for k, v in sums.items()}
+
+
+def train(cfg) -> Path:
+    """Train ``cfg.loss`` on the prepared set of ``cfg.prep.output_dir``; returns the final model folder."""
+    from tqdm.auto import tqdm
+
+    # ---- setup
+    run = setup_run(cfg)
+    name, hparams = loss_hparams(cfg)
+    loss = build_loss(name, **hparams)
+    final_dir = run.output_dir / FINAL_DIR
+    if (run.output_dir / RUN_FILE).exists() and (final_dir).exists() and not cfg.train.overwrite:
+        previous = json.loads((run.output_dir / RUN_FILE).read_text())
+        if previous.get("config") == as_dict(cfg):
+            if run.is_main:
+                print(f"[dpo-zoo train] {run.output_dir} is already trained with this config; reusing it "
+                      "(set train.overwrite=true to train again)")
+            run.close()
+            return final_dir
+
+    # ---- data and model
+    train_set, heldout = open_prepared(cfg)
+    policy, tokenizer, model_path = load_policy(cfg, run)
+    reference_mode = choose_reference(cfg, loss, train_set)
+    preflight(cfg, loss, train_set, policy, tokenizer, model_path, reference_mode)
+    pad_id = tokenizer.pad_token_id
+
+    # ---- engine, reference, resume
+    engine = build_engine(cfg, policy, run)
+    reference = build_reference(cfg, engine.module, model_path, reference_mode, run)
+    watch = GradientWatch(engine.module.parameters())
+    start_step = _resume(engine, run, cfg)
+    t = cfg.train
+    max_steps = t.max_steps
+    if t.epochs:
+        global_batch = t.micro_batch_size * t.gradient_accumulation_steps * run.world_size
+        max_steps = math.ceil(t.epochs * len(train_set) / global_batch)
+    if run.is_main:
+        print(
+            f"[dpo-zoo train] loss={name} {hparams} | reference={reference_mode} | "
+            f"pairs={len(train_set)} | steps {start_step}->{max_steps} | world={run.world_size} | "
+            f"zero={t.deepspeed.zero_stage} | lora={t.lora.enabled} | out={run.output_dir}"
+        )
+        run.log({"event": "start", "step": start_step, "loss_name": name, "reference": reference_mode})
+
+    # ---- loop
+    engine.module.train()
+    bar = tqdm(total=max_steps, initial=start_step, desc=f"train {name}", disable=not (run.is_main and t.progress))
+    last_metrics: Dict[str, float] = {}
+    for step in range(start_step, max_steps):
+        started = time.perf_counter()
+        step_metrics: Dict[str, float] = {}
+        tokens = 0
+        for micro in range(t.gradient_accumulation_steps):
+            indices = micro_batch_indices(len(train_set), t.seed, step, micro, t, run.rank, run.world_size)
+            collated = collate(train_set.rows(indices), pad_id).to(run.device)
+            forward = pair_batch(
+                loss, engine, collated,
+                reference_model=reference[0], reference_context=reference[1],
+                generator=_micro_generator(loss, run, t.seed, step, micro),
+            )
+            output = loss(forward.batch)
+            micro_loss = reduce_losses(output, collated.per_pair.get("weight"))
+            if not torch.isfinite(micro_loss):
+                raise TrainingError(
+                    f"non-finite loss ({micro_loss.item()}) at step {step}, micro-batch {micro}, rank {run.rank}; "
+                    f"pair ids: {collated.ids}. Nothing from this step was applied."
+                )
+            engine.backward(micro_loss)
+            if not watch.check():
+                raise TrainingError(
+                    f"non-finite gradient at step {step}, micro-batch {micro}, rank {run.rank}; "
+                    f"pair ids: {collated.ids}. Nothing from this step was applied."
+                )
+            metrics = batch_metrics(output, forward, collated)
+            metrics["loss"] = micro_loss.item()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / t.gradient_accumulation_steps
+            tokens += collated.n_tokens
+            engine.step()
+        elapsed = time.perf_counter() - started
+        step_metrics = _mean_over_ranks(step_metrics, run)
+        grad_norm = engine.get_global_grad_norm()
+        step_metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else _grad_norm_fallback(engine)
+        step_metrics["learning_rate"] = engine.lr_scheduler.get_last_lr()[0]
+        step_metrics["tokens_per_second"] = tokens * run.world_size / max(elapsed, 1e-9)
+        done = step + 1
+        if t.log_every and (done % t.log_every == 0 or done == max_steps):
+            run.log({"step": done, **step_metrics})
+        last_metrics = step_metrics
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
+                        tok_s=f"{step_metrics['tokens_per_second']:.0f}")
+        if heldout is not None and t.eval_every and done % t.eval_every == 0 and done < max_steps:
+            run.log({"step": done, **evaluate(engine, loss, heldout, cfg, run, pad_id, reference)})
+        if t.save_every and done % t.save_every == 0 and done < max_steps:
+            _save_checkpoint(engine, run, done)
+    bar.close()
+
+    # ---- evaluate and save
+    eval_metrics = evaluate(engine, loss, heldout, cfg, run, pad_id, reference) if heldout is not None else {}
+    if eval_metrics:
+        run.log({"step": max_steps, **eval_metrics})
+    save_final(engine, tokenizer, cfg, run, train_set, model_path, reference_mode, {**last_metrics, **eval_metrics})
+    for handle in watch.handles:
+        handle.remove()
+    run.close()
+    return final_dir
+
+
+def _grad_norm_fallback(engine) -> float:
+    """ZeRO-0 with a torch optimizer does not record the norm; compute it from the (clipped) grads."""
+    total = 0.0
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            total += float(p.grad.detach().float().pow(2).sum())
+    return math.sqrt(total)
+
+
+# ==================================================================== checkpoints
+
+
+def _checkpoint_root(run: Run) -> Path:
+    return run.output_dir / CHECKPOINT_DIR
+
+
+def _save_checkpoint(engine, run: Run, step: int) -> None:
+    engine.save_checkpoint(str(_checkpoint_root(run)), tag=f"step-{step:07d}", client_state={"step": step})
+
+
+def _resume(engine, run: Run, cfg) -> int:
+    root = _checkpoint_root(run)
+    if not cfg.train.resume or not (root / "latest").exists():
+        return 0
+    _, client_state = engine.load_checkpoint(str(root))
+    step = int(client_state["step"])
+    if run.is_main:
+        print(f"[dpo-zoo train] resumed from {root} at step {step}")
+        run.log({"event": "resume", "step": step})
+    return step
+
+
+def save_final(engine, tokenizer, cfg, run: Run, train_set, model_path: Path, reference_mode: str, metrics) -> None:
+    """``save_pretrained`` (safetensors; the adapter alone for LoRA), tokenizer, and run.json."""
+    final_dir = run.output_dir / FINAL_DIR
+    module = engine.module
+    if cfg.train.deepspeed.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # gathers every partition on rank 0
+    else:
+        state_dict = module.state_dict() if run.is_main else None
+    if run.is_main:
+        final_dir.mkdir(parents=True, exist_ok=True)
+        module.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+        name, hparams = loss_hparams(cfg)
+        record = {
+            "loss": name,
+            "loss_hparams": hparams,
+            "base_model": str(model_path),
+            "lora": bool(cfg.train.lora.enabled),
+            "reference": reference_mode,
+            "prepared_set": str(train_set.path),
+            "cache_key": train_set.key,
+            "metrics": metrics,
+            "config": as_dict(cfg),
+        }
+        (run.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+        print(f"[dpo-zoo train] saved {final_dir}")
+    if run.world_size > 1:
+        torch.distributed.barrier()

@@ -1,0 +1,91 @@
+"""The config system: every shipped YAML loads; unknown keys and bad values are named, all at once."""
+
+from pathlib import Path
+
+import pytest
+
+from dpo_zoo.config import REPO_ROOT, ConfigError, find_loss_preset, load_config, loss_hparams, read_yaml
+from dpo_zoo.losses import registered_losses
+
+ALL_YAML = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs_to_check():
+    assert any(p.parent.name == "loss" for p in ALL_YAML)
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_shipped_yaml_loads(path: Path):
+    if path.parent.name == "loss":
+        # A loss preset: selected with `loss=<stem>`; its name must be registered and its keys known.
+        cfg = load_config([], [f"loss={path.stem}"])
+        name, hparams = loss_hparams(cfg)
+        assert name in registered_losses()
+        preset = read_yaml(path)
+        for key, value in preset.items():
+            if key != "name":
+                assert hparams[key] == value, f"{path}: {key}"
+    else:
+        cfg = load_config([path])
+        assert cfg.loss.name in registered_losses()
+
+
+def test_defaults_and_overrides():
+    cfg = load_config([], ["loss=dpo", "loss.beta=0.25", "train.max_steps=7", "train.lora.enabled=true"])
+    assert cfg.loss.beta == 0.25 and cfg.loss.label_smoothing == 0.0
+    assert cfg.train.max_steps == 7 and cfg.train.lora.enabled is True
+    assert cfg.train.output_dir == "runs/dpo"  # ${loss.name} interpolation resolved
+
+
+def test_every_error_reported_at_once_with_the_key_named():
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            [],
+            ["train.max_stepz=3", "loss.bta=0.1", "train.lora.r=abc", "prep.truncation_mode=middle", "nonsense"],
+        )
+    errors = info.value.errors
+    text = "\n".join(errors)
+    assert "train.max_stepz" in text
+    assert "loss.bta" in text and "unknown hyperparameter of loss 'dpo'" in text
+    assert "train.lora.r" in text
+    assert "prep.truncation_mode" in text and "middle" in text
+    assert "'nonsense' is not of the form key=value" in text
+    assert len(errors) == 5
+
+
+def test_unknown_key_in_a_yaml_names_the_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  micro_batch_size: 2\n  learnin_rate: 1e-5\nloss:\n  name: dpo\n  beta: 0.2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([path])
+    assert str(path) in info.value.errors[0] and "train.learnin_rate" in info.value.errors[0]
+
+
+def test_loss_section_as_mapping_and_selection_order(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("loss:\n  name: ipo\n  beta: 0.3\n")
+    cfg = load_config([path])
+    assert (cfg.loss.name, cfg.loss.beta) == ("ipo", 0.3)
+    # `loss=<name>` on the command line replaces the loss, and its hyperparameters start from defaults.
+    cfg = load_config([path], ["loss=dpo"])
+    assert (cfg.loss.name, cfg.loss.beta) == ("dpo", 0.1)
+
+
+def test_bad_loss_value_is_reported():
+    with pytest.raises(ConfigError, match="beta must be > 0"):
+        load_config([], ["loss.beta=-1"])
+
+
+def test_configs_never_run_code(tmp_path):
+    """YAML tags that would construct Python objects are not honoured."""
+    path = tmp_path / "evil.yaml"
+    path.write_text("train:\n  output_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError):
+        load_config([path])
+
+
+def test_loss_preset_lookup():
+    presets = sorted((REPO_ROOT / "configs" / "loss").glob("*.yaml"))
+    assert presets, "configs/loss holds the paper presets"
+    assert find_loss_preset(presets[0].stem) is not None
+    assert find_loss_preset("no-such-preset") is None
