@@ -112,6 +112,8 @@ def cmd_compare(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes --local_rank before the sub-command; the rank is read from the env.
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("losses", help="list the registered losses")

@@ -100,12 +100,13 @@ class PrepConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    # A DeepSpeed JSON file to start from (launch/ds_zero*.json). Batch sizes, clipping and precision
+    # always come from `train`; the fields below override the file's when set.
+    config_file: Optional[str] = None
+    # ZeRO stage 0-3; null: the file's stage, or 0 without a file.
+    zero_stage: Optional[int] = None
     offload_optimizer: bool = False
     offload_param: bool = False
-    # A DeepSpeed JSON file to start from (launch/ds_zero*.json); the fields above and the batch sizes
-    # of `train` are filled into it.
-    config_file: Optional[str] = None
 
 
 @dataclass
@@ -391,7 +392,7 @@ def _check_values(cfg: DictConfig) -> List[str]:
             errors.append(f"`{key}`: must be >= 0, got {value!r}")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         errors.append(f"`data.heldout_fraction`: must be in [0, 1), got {cfg.data.heldout_fraction}")
-    if cfg.train.deepspeed.zero_stage not in (0, 1, 2, 3):
+    if cfg.train.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         errors.append(f"`train.deepspeed.zero_stage`: must be 0, 1, 2 or 3, got {cfg.train.deepspeed.zero_stage}")
     if cfg.prep.max_prompt_length >= cfg.prep.max_length:
         errors.append(

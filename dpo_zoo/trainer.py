@@ -281,7 +281,8 @@ def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:
         wall_clock_breakdown=False,
     )
     zero = dict(ds.get("zero_optimization", {}))
-    zero["stage"] = t.deepspeed.zero_stage
+    if t.deepspeed.zero_stage is not None or "stage" not in zero:
+        zero["stage"] = t.deepspeed.zero_stage or 0
     if t.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if t.deepspeed.offload_param:
@@ -289,12 +290,12 @@ def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:
     ds["zero_optimization"] = zero
     ds["bf16"] = {"enabled": t.precision == "bfloat16"}
     ds.setdefault("zero_allow_untested_optimizer", True)
-    if t.deepspeed.offload_optimizer:
-        # ZeRO-Offload needs DeepSpeed's own CPU Adam; it builds it from this section.
-        ds["optimizer"] = {
+    if "offload_optimizer" in zero:
+        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam, built from this section.
+        ds.setdefault("optimizer", {
             "type": "AdamW",
             "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
-        }
+        })
     return ds
 
 
@@ -500,7 +501,7 @@ def train(cfg) -> Path:
         print(
             f"[dpo-zoo train] loss={name} {hparams} | reference={reference_mode} | "
             f"pairs={len(train_set)} | steps {start_step}->{max_steps} | world={run.world_size} | "
-            f"zero={t.deepspeed.zero_stage} | lora={t.lora.enabled} | out={run.output_dir}"
+            f"zero={engine.zero_optimization_stage()} | lora={t.lora.enabled} | out={run.output_dir}"
         )
         run.log({"event": "start", "step": start_step, "loss_name": name, "reference": reference_mode})
 
@@ -605,7 +606,7 @@ def save_final(engine, tokenizer, cfg, run: Run, train_set, model_path: Path, re
     """``save_pretrained`` (safetensors; the adapter alone for LoRA), tokenizer, and run.json."""
     final_dir = run.output_dir / FINAL_DIR
     module = engine.module
-    if cfg.train.deepspeed.zero_stage == 3:
+    if engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # gathers every partition on rank 0
     else:
         state_dict = module.state_dict() if run.is_main else None

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# One machine, several GPUs:
+#   bash launch/single_node.sh configs/experiments/vader_smollm2.yaml loss=sampo train.deepspeed.config_file=launch/ds_zero2.json
+# NUM_GPUS (default: all visible) sets the process count. Each process trains on its slice of every
+# step's pairs; DeepSpeed averages the gradients, so results match a one-process run with a
+# micro-batch NUM_GPUS times larger.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NUM_GPUS="${NUM_GPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
+exec deepspeed --num_gpus "$NUM_GPUS" -m dpo_zoo.cli train "$@"
