@@ -15,6 +15,17 @@ import torch.nn.functional as F
 from .base import Loss, LossOutput, Need, PairBatch, register_loss
 
 
+def margin_output(losses, chosen_rewards, rejected_rewards) -> LossOutput:
+    """Detached rewards plus ``win_prob`` = σ(r_w − r_l), the Bradley–Terry reading of the margin."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return LossOutput(
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        metrics={"win_prob": torch.sigmoid(chosen_rewards - rejected_rewards)},
+    )
+
+
 def check_beta(beta: float) -> None:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -56,11 +67,7 @@ class DPOLoss(Loss):
         chosen_ratio, rejected_ratio = batch.log_ratios()
         logits = beta * (chosen_ratio - rejected_ratio)
         losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-        return LossOutput(
-            losses=losses,
-            chosen_rewards=(beta * chosen_ratio).detach(),
-            rejected_rewards=(beta * rejected_ratio).detach(),
-        )
+        return margin_output(losses, beta * chosen_ratio, beta * rejected_ratio)
 
 
 @dataclass
@@ -95,11 +102,7 @@ class IPOLoss(Loss):
         chosen_ratio, rejected_ratio = batch.log_ratios()
         h = chosen_ratio - rejected_ratio
         losses = (h - 1.0 / (2.0 * beta)) ** 2
-        return LossOutput(
-            losses=losses,
-            chosen_rewards=(beta * chosen_ratio).detach(),
-            rejected_rewards=(beta * rejected_ratio).detach(),
-        )
+        return margin_output(losses, beta * chosen_ratio, beta * rejected_ratio)
 
 
 @register_loss("hinge")
@@ -119,8 +122,4 @@ class HingeLoss(Loss):
         beta = self.config.beta
         chosen_ratio, rejected_ratio = batch.log_ratios()
         losses = torch.relu(1.0 - beta * (chosen_ratio - rejected_ratio))
-        return LossOutput(
-            losses=losses,
-            chosen_rewards=(beta * chosen_ratio).detach(),
-            rejected_rewards=(beta * rejected_ratio).detach(),
-        )
+        return margin_output(losses, beta * chosen_ratio, beta * rejected_ratio)
