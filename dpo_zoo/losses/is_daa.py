@@ -51,10 +51,11 @@ class ISDAAConfig:
         if self.clip_max is not None:
             if not self.clip_max >= 1:
                 raise ValueError(f"clip_max must be >= 1 (or None to use eps), got {self.clip_max}")
-            if self.eps != DEFAULT_EPS and not math.isclose(2.0 * self.eps, math.log(self.clip_max), rel_tol=1e-9):
+            agree = math.isclose(2.0 * self.eps, math.log(self.clip_max), rel_tol=1e-9)
+            if self.eps != DEFAULT_EPS and not agree:
                 raise ValueError(
                     f"eps={self.eps} (C = e^(2 eps) = e^{2.0 * self.eps:g}) and clip_max={self.clip_max} "
-                    "disagree; give only one of them (on a name that presets eps, such as is_ipo, override eps)"
+                    "disagree; give only one (on a name that presets eps, such as is_ipo, override eps)"
                 )
 
     @property
@@ -112,7 +113,7 @@ class ISDAALoss(Loss):
             chosen_rewards=base.chosen_rewards,
             rejected_rewards=base.rejected_rewards,
             metrics={
-                "win_prob": torch.sigmoid(base.chosen_rewards - base.rejected_rewards),
+                **base.metrics,  # the base's win_prob = σ(β h), unweighted: w scales the step, not the model
                 "is/weight": weight,
                 "is/log_weight": log_weight.to(base.losses.dtype),
                 "is/clipped": clipped.mean(),

@@ -14,6 +14,16 @@ def t(*values, dtype=F64):
     return torch.tensor(values, dtype=dtype)
 
 
+def sequence_inputs(pc, pr, rc, rr):
+    """The four summed log-probs as ``compute_loss`` keywords."""
+    return dict(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        reference_chosen_logps=rc,
+        reference_rejected_logps=rr,
+    )
+
+
 def random_logps(seed, n=16):
     g = torch.Generator().manual_seed(seed)
     ref = -5.0 - 40.0 * torch.rand(2, n, generator=g, dtype=F64)
@@ -58,9 +68,7 @@ def test_h_dpo_matches_naive_reference(alpha, beta, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_alpha_one_equals_dpo(seed):
     pc, pr, rc, rr = random_logps(seed)
-    tensors = dict(
-        policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr
-    )
+    tensors = sequence_inputs(pc, pr, rc, rr)
     h = compute_loss("h_dpo", **tensors, beta=0.3, alpha=1.0)
     dpo = compute_loss("dpo", **tensors, beta=0.3)
     torch.testing.assert_close(h.losses, dpo.losses, rtol=1e-12, atol=1e-14)
@@ -94,7 +102,7 @@ def test_alpha_scales_only_the_policy_terms():
     reference difference enters); scaling the policy difference by 1/α with the reference fixed gives
     the α = 1 loss back (α multiplies the policy terms only)."""
     pc, pr, rc, rr = random_logps(4)
-    base = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr)
+    base = sequence_inputs(pc, pr, rc, rr)
     shifted = dict(base, reference_chosen_logps=rc - 7.0, reference_rejected_logps=rr - 7.0)
     a = compute_loss("h_dpo", **base, alpha=0.8).losses
     torch.testing.assert_close(compute_loss("h_dpo", **shifted, alpha=0.8).losses, a, rtol=1e-12, atol=1e-14)

@@ -15,6 +15,16 @@ def t(*values, dtype=F64):
     return torch.tensor(values, dtype=dtype)
 
 
+def sequence_inputs(pc, pr, rc, rr):
+    """The four summed log-probs as ``compute_loss`` keywords."""
+    return dict(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        reference_chosen_logps=rc,
+        reference_rejected_logps=rr,
+    )
+
+
 # ---------------------------------------------------------------- naive reference (spec §3 formulas)
 
 
@@ -44,7 +54,14 @@ def random_batch(seed, n=16):
     return pol[0], pol[1], ref[0], ref[1], beh[0], beh[1]
 
 
-CLIPS = [{"eps": 0.0}, {"eps": 0.25}, {"eps": 1.0}, {"clip_max": 1.2}, {"clip_max": 4.0}, {"clip_max": math.inf}]
+CLIPS = [
+    {"eps": 0.0},
+    {"eps": 0.25},
+    {"eps": 1.0},
+    {"clip_max": 1.2},
+    {"clip_max": 4.0},
+    {"clip_max": math.inf},
+]
 
 
 def clip_value(clip):
@@ -58,9 +75,7 @@ def clip_value(clip):
 def test_is_daa_matches_naive_reference(base, clip, seed, with_behavior):
     pc, pr, rc, rr, bc, br = random_batch(seed)
     pc = pc.requires_grad_(True)
-    tensors = dict(
-        policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr
-    )
+    tensors = sequence_inputs(pc, pr, rc, rr)
     if with_behavior:
         tensors.update(behavior_chosen_logps=bc, behavior_rejected_logps=br)
     else:
@@ -85,9 +100,7 @@ def test_is_daa_matches_naive_reference(base, clip, seed, with_behavior):
 def test_weight_one_gives_the_base_daa(base):
     """Behaviour log-probs equal to the policy's make log w = 0, w = 1: the base loss exactly."""
     pc, pr, rc, rr, _, _ = random_batch(3)
-    tensors = dict(
-        policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr
-    )
+    tensors = sequence_inputs(pc, pr, rc, rr)
     out = compute_loss("is_daa", **tensors, behavior_chosen_logps=pc, behavior_rejected_logps=pr, base=base)
     plain = compute_loss(base, **tensors)
     assert torch.equal(out.metrics["is/weight"], torch.ones(16, dtype=F64))

@@ -11,6 +11,16 @@ from dpo_zoo.losses.base import Need
 F64 = torch.float64
 
 
+def sequence_inputs(pc, pr, rc, rr):
+    """The four summed log-probs as ``compute_loss`` keywords."""
+    return dict(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        reference_chosen_logps=rc,
+        reference_rejected_logps=rr,
+    )
+
+
 def margins(d, ties, beta=1.0, dtype=F64, requires_grad=False):
     """Tensors whose DPO reward margin β h equals ``d`` (reference −10/−12, policy shifted by d/β)."""
     d = torch.as_tensor(d, dtype=dtype)
@@ -121,7 +131,8 @@ def test_rao_kupper_hand_values():
     torch.testing.assert_close(out.losses, torch.tensor(expected, dtype=F64))
     torch.testing.assert_close(out.metrics["win_prob"], torch.tensor([0.25, 0.25, 0.75, 0.75], dtype=F64))
     torch.testing.assert_close(out.metrics["tie_prob"], torch.tensor([0.5, 0.5, 6 / 28, 6 / 28], dtype=F64))
-    torch.testing.assert_close(out.metrics["tie/prob_lose"], torch.tensor([0.25, 0.25, 1 / 28, 1 / 28], dtype=F64))
+    lose = torch.tensor([0.25, 0.25, 1 / 28, 1 / 28], dtype=F64)
+    torch.testing.assert_close(out.metrics["tie/prob_lose"], lose)
     assert out.metrics["tie/tie_fraction"].item() == 0.5
 
 
@@ -198,17 +209,14 @@ def test_tie_loss_symmetric_under_swapping_chosen_and_rejected(name, hparams):
 def test_bradley_terry_recovered_at_nu_rk_one_and_nu_d_zero(seed):
     """ν_RK = 1 and ν_D = 0 give DPO's loss and win probability σ(βh) on win pairs and tie prob 0."""
     pc, pr, rc, rr, _ = random_batch(seed)
-    tensors = dict(
-        policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr
-    )
+    tensors = sequence_inputs(pc, pr, rc, rr)
     wins = torch.zeros_like(pc, dtype=torch.bool)
     dpo = compute_loss("dpo", **tensors, beta=0.3)
     for name, hparams in (("dpo_rk", {"nu_rk": 1.0}), ("dpo_davidson", {"nu_d": 0.0})):
         out = compute_loss(name, **tensors, is_tie=wins, beta=0.3, **hparams)
         torch.testing.assert_close(out.losses, dpo.losses, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(
-            out.metrics["win_prob"], torch.sigmoid(dpo.chosen_rewards - dpo.rejected_rewards), rtol=1e-12, atol=0
-        )
+        bt_win = torch.sigmoid(dpo.chosen_rewards - dpo.rejected_rewards)
+        torch.testing.assert_close(out.metrics["win_prob"], bt_win, rtol=1e-12, atol=0)
         assert torch.equal(out.metrics["tie_prob"], torch.zeros_like(pc))
 
 
@@ -221,7 +229,8 @@ def test_rao_kupper_win_is_bradley_terry_shifted_by_alpha_rk(nu):
     out = compute_loss("dpo_rk", **tensors, beta=1.0, nu_rk=nu)
     shifted = margins(d - math.log(nu), False)
     shifted.pop("is_tie")
-    torch.testing.assert_close(out.losses, compute_loss("dpo", **shifted, beta=1.0).losses, rtol=1e-12, atol=1e-14)
+    dpo_at_shifted_margin = compute_loss("dpo", **shifted, beta=1.0).losses
+    torch.testing.assert_close(out.losses, dpo_at_shifted_margin, rtol=1e-12, atol=1e-14)
     (grad,) = torch.autograd.grad(out.losses.sum(), tensors["policy_chosen_logps"])
     torch.testing.assert_close(grad, -torch.sigmoid(-(d - math.log(nu))), rtol=1e-12, atol=1e-15)
 
@@ -284,9 +293,7 @@ def test_ties_as_wins_is_dpo_on_every_pair():
     """dpo_ties_as_wins (the paper's DPO(CP+TP)): the tie flag does not change the loss, which is DPO's."""
     pc, pr, rc, rr, ties = random_batch(4)
     assert ties.any() and not ties.all()
-    tensors = dict(
-        policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr
-    )
+    tensors = sequence_inputs(pc, pr, rc, rr)
     out = compute_loss("dpo_ties_as_wins", **tensors, is_tie=ties)
     dpo = compute_loss("dpo", **tensors)
     torch.testing.assert_close(out.losses, dpo.losses, rtol=1e-12, atol=1e-14)
@@ -340,7 +347,8 @@ def test_tie_flags_may_be_given_as_numbers():
 
 
 def test_registry_names_needs_and_defaults():
-    assert get_loss_entry("tie_dpo").defaults() == {"beta": 0.1, "model": "rao_kupper", "nu_rk": 3.0, "nu_d": 1.0}
+    defaults = {"beta": 0.1, "model": "rao_kupper", "nu_rk": 3.0, "nu_d": 1.0}
+    assert get_loss_entry("tie_dpo").defaults() == defaults
     assert build_loss("dpo_rk").config.model == "rao_kupper"
     assert build_loss("dpo_davidson").config.model == "davidson"
     assert build_loss("dpo_ties_as_wins").config.model == "bradley_terry"
