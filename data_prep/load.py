@@ -1,0 +1,245 @@
+"""``load_splits``: read the configured data with its preprocessor, validate it, and split it.
+
+Order of work: read every row of ``data.train_path`` (and ``data.heldout_path``) → convert each row to a
+:class:`PreferencePair` with the preprocessor (bad rows raise or are counted, per ``data.on_bad_row``)
+→ reject repeated ids (within a file, and held-out pairs whose id is also a training id) → split off
+the held-out pairs when there is no held-out file (by a hash of the id: deterministic, independent of
+row order) → keep the first ``max_train_pairs`` / ``max_heldout_pairs`` → fingerprint both splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from dpo_zoo.errors import DataError
+
+from . import hh_rlhf, ultrafeedback
+from .drops import DUPLICATE_ID, BadRow, DropReport, RowPolicy
+from .normalize import PAIR_FIELDS, Row, check_columns, generic_pair, heldout_by_hash
+from .readers import open_rows
+from .schema import PreferencePair
+from .vader import load_vader
+
+FINGERPRINT_VERSION = b"dpo_zoo.pairs.v1\n"
+# Options every file-reading preprocessor accepts: which split of a saved DatasetDict to read.
+FILE_OPTIONS: Dict[str, Any] = {"train_split": None, "heldout_split": None}
+
+
+@dataclass
+class LoadedSplits:
+    """Both splits, normalized and validated, with what was dropped and what was read.
+
+    ``sources``: every file read (for content hashing). ``fingerprint``: sha256 over the normalized pairs
+    of both splits in order (the "data content" field of the cache key). ``stats``: what the
+    preprocessor counted (e.g. VADER's snippets, pairs and ties per source).
+    """
+
+    train: List[PreferencePair]
+    heldout: List[PreferencePair]
+    drops: DropReport
+    sources: List[str]
+    fingerprint: str
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FilePreprocessor:
+    """A preprocessor that converts one raw row at a time: the columns it reads (which ``data.columns``
+    may rename), its own options with defaults, and the row -> pair conversion."""
+
+    columns: Tuple[str, ...]
+    required: Tuple[str, ...]
+    options: Mapping[str, Any]
+    convert: Callable[..., PreferencePair]
+
+
+FILE_PREPROCESSORS: Dict[str, FilePreprocessor] = {
+    "generic": FilePreprocessor(PAIR_FIELDS, ("chosen", "rejected"), {}, generic_pair),
+    "hh_rlhf": FilePreprocessor(hh_rlhf.COLUMNS, ("chosen", "rejected"), hh_rlhf.OPTIONS, hh_rlhf.hh_pair),
+    "ultrafeedback": FilePreprocessor(
+        ultrafeedback.COLUMNS,
+        ("chosen", "rejected", "score_chosen", "score_rejected"),
+        ultrafeedback.OPTIONS,
+        ultrafeedback.ultrafeedback_pair,
+    ),
+}
+PREPROCESSORS = (*FILE_PREPROCESSORS, "vader")
+
+
+def data_settings(data_cfg: Any) -> Dict[str, Any]:
+    """The ``data`` section as a plain dict, from an OmegaConf node, a DataConfig or a mapping."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(data_cfg, DictConfig):
+            return OmegaConf.to_container(data_cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency of the package
+        pass
+    if dataclasses.is_dataclass(data_cfg):
+        return dataclasses.asdict(data_cfg)
+    if isinstance(data_cfg, Mapping):
+        return dict(data_cfg)
+    raise TypeError(f"expected the `data` config section, got {type(data_cfg).__name__}")
+
+
+def _file_options(name: str, pre: FilePreprocessor, options: Mapping[str, Any]) -> Dict[str, Any]:
+    allowed = {**FILE_OPTIONS, **pre.options}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DataError(
+            "; ".join(f"`data.options.{k}`: not an option of the {name} preprocessor" for k in unknown)
+            + f" (its options: {', '.join(sorted(allowed)) or 'none'})"
+        )
+    merged = {**allowed, **options}
+    for key, default in allowed.items():
+        value = merged[key]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise DataError(f"`data.options.{key}`: expected true or false, got {value!r}")
+        if key in FILE_OPTIONS and value is not None and not isinstance(value, str):
+            raise DataError(f"`data.options.{key}`: expected a split name, got {value!r}")
+    return merged
+
+
+def read_pairs(
+    path: str,
+    *,
+    name: str,
+    pre: FilePreprocessor,
+    columns: Mapping[str, str],
+    options: Mapping[str, Any],
+    policy: RowPolicy,
+    drops: DropReport,
+    role: str,
+) -> Tuple[List[PreferencePair], List[str]]:
+    """Every valid pair of one input, in file order, and the files read."""
+    source = open_rows(path, role=role, split=options.get(f"{role}_split"))
+    if source.column_names is not None:
+        missing = [c for c in pre.required if columns.get(c, c) not in source.column_names]
+        if missing:
+            named = ", ".join(f"'{columns.get(c, c)}'" + (f" (as {c})" if c in columns else "") for c in missing)
+            raise DataError(
+                f"{source.name}: no column {named} for the {name} preprocessor; the columns are "
+                f"{', '.join(source.column_names)} (rename with data.columns)"
+            )
+    kwargs = {k: v for k, v in options.items() if k in pre.options}
+    pairs: List[PreferencePair] = []
+    first_row: Dict[str, int] = {}
+    rows_read = 0
+    for row_index, raw in source.rows:
+        rows_read += 1
+        if isinstance(raw, BadRow):
+            policy.bad_row(source.name, row_index, raw)
+            continue
+        row = Row(raw, columns)
+        try:
+            pair = pre.convert(row, file=source.name, row_index=row_index, stem=source.stem, **kwargs)
+        except BadRow as bad:
+            policy.bad_row(source.name, row_index, bad)
+            continue
+        if pair.id in first_row:
+            policy.bad(source.name, row_index, row.label("id"), DUPLICATE_ID, f"id {pair.id!r} is already used by row {first_row[pair.id]}")
+            continue
+        first_row[pair.id] = row_index
+        pairs.append(pair)
+    drops.rows_read[source.name] = rows_read
+    return pairs, source.files
+
+
+def split_key(pair: PreferencePair) -> str:
+    """What the held-out split hashes: the pair id, or a preprocessor's group key (e.g. UltraFeedback's
+    prompt_id, so one prompt never lands in both splits)."""
+    return str(pair.extra.get("split_key", pair.id))
+
+
+def fingerprint(train: Sequence[PreferencePair], heldout: Sequence[PreferencePair]) -> str:
+    """sha256 over the normalized pairs of both splits, in order (ids, texts, tie, weight, soft label,
+    extra); independent of where the files lie."""
+    digest = hashlib.sha256(FINGERPRINT_VERSION)
+    for split, pairs in (("train", train), ("heldout", heldout)):
+        digest.update(f"[{split}] {len(pairs)}\n".encode())
+        for p in pairs:
+            record = [p.id, p.prompt, p.chosen, p.rejected, p.is_tie, p.weight, p.soft_label, p.extra]
+            digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8"))
+            digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _cap(pairs: List[PreferencePair], limit: Optional[int], key: str, drops: DropReport) -> List[PreferencePair]:
+    if limit is None:
+        return pairs
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise DataError(f"`data.{key}`: expected null or an integer >= 0, got {limit!r}")
+    drops.note(f"pairs beyond data.{key}={limit} (valid, not used)", max(0, len(pairs) - limit))
+    return pairs[:limit]
+
+
+def load_splits(data_cfg: Any) -> LoadedSplits:
+    """Read, normalize, validate and split the data described by ``data_cfg`` (the ``data`` section).
+
+    Raises :class:`DataError` at the first bad row with ``on_bad_row: error``; with ``skip`` the bad rows
+    are in ``LoadedSplits.drops``. Raises too when no training pair is left.
+    """
+    s = data_settings(data_cfg)
+    name = s.get("preprocessor", "generic")
+    if name not in PREPROCESSORS:
+        raise DataError(f"`data.preprocessor`: {name!r} is not one of {', '.join(PREPROCESSORS)}")
+    drops = DropReport()
+    policy = RowPolicy(s.get("on_bad_row", "error"), drops)
+    fraction = s.get("heldout_fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise DataError(f"`data.heldout_fraction`: must be in [0, 1), got {fraction!r}")
+    options = dict(s.get("options") or {})
+    train_path, heldout_path = s.get("train_path"), s.get("heldout_path")
+    stats: Dict[str, Any] = {"preprocessor": name}
+
+    if name == "vader":
+        if s.get("columns"):
+            raise DataError("`data.columns`: the vader preprocessor reads a fixed layout; remove data.columns")
+        if heldout_path:
+            raise DataError(
+                "`data.heldout_path`: the vader preprocessor splits by snippet itself (data.heldout_fraction); "
+                "set data.heldout_path to null"
+            )
+        result = load_vader(train_path, heldout_fraction=fraction, options=options, policy=policy, drops=drops)
+        train, heldout, sources = result.train, result.heldout, result.sources
+        stats.update(result.stats)
+    else:
+        pre = FILE_PREPROCESSORS[name]
+        opts = _file_options(name, pre, options)
+        columns = check_columns(s.get("columns") or {}, pre.columns, name)
+        if not train_path:
+            raise DataError(f"`data.train_path`: required by the {name} preprocessor")
+        common = dict(name=name, pre=pre, columns=columns, options=opts, policy=policy, drops=drops)
+        train, sources = read_pairs(train_path, role="train", **common)
+        if heldout_path:
+            heldout, heldout_files = read_pairs(heldout_path, role="heldout", **common)
+            sources = sources + [f for f in heldout_files if f not in sources]
+            train_rows = {p.id: p for p in train}
+            kept = []
+            for pair in heldout:
+                if pair.id in train_rows:
+                    other = train_rows[pair.id]
+                    policy.bad(
+                        pair.source_file, pair.source_row, "id", DUPLICATE_ID,
+                        f"id {pair.id!r} is also a training pair ({other.source_file}, row {other.source_row}); "
+                        "a held-out pair must not be trained on",
+                    )
+                    continue
+                kept.append(pair)
+            heldout = kept
+        else:
+            held = [heldout_by_hash(split_key(p), fraction) for p in train]
+            heldout = [p for p, h in zip(train, held) if h]
+            train = [p for p, h in zip(train, held) if not h]
+    stats["train_pairs_before_cap"], stats["heldout_pairs_before_cap"] = len(train), len(heldout)
+    train = _cap(train, s.get("max_train_pairs"), "max_train_pairs", drops)
+    heldout = _cap(heldout, s.get("max_heldout_pairs"), "max_heldout_pairs", drops)
+    if not train:
+        where = train_path or "the VADER data"
+        raise DataError(f"{where}: no training pairs left.\n{drops.summary()}")
+    stats["train_pairs"], stats["heldout_pairs"] = len(train), len(heldout)
+    return LoadedSplits(train, heldout, drops, list(sources), fingerprint(train, heldout), stats)

@@ -1,0 +1,279 @@
+"""Turn one raw row into a validated :class:`~data_prep.schema.PreferencePair` (TRL's schema).
+
+Accepted layouts (TRL's preference formats):
+
+* **standard**: ``prompt``, ``chosen``, ``rejected`` are strings; ``chosen``/``rejected`` are the
+  completions only.
+* **conversational**: the same fields are lists of ``{"role", "content"}`` messages (other keys of a
+  message are kept and reach the chat template unchanged).
+* **implicit prompt**: no ``prompt`` field; ``chosen`` and ``rejected`` are whole texts and the prompt
+  is their shared beginning (:func:`split_implicit`).
+
+Optional fields: ``id`` (string or integer; default ``<file stem>:<row>``), ``tie`` (boolean, or 0/1),
+``weight`` (finite number >= 0, default 1), ``soft_label`` (P(chosen preferred), a number in [0, 1]).
+``data.columns`` renames source columns onto these names.
+
+Checks (each a :class:`~data_prep.drops.BadRow` with its reason): a required field is missing or null;
+a field is not text (a number, a malformed message list); prompt and completions mix strings and
+messages; an optional field has a bad value; a completion is empty (or whitespace only); chosen is
+identical to rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from dpo_zoo.errors import DataError
+
+from .drops import (
+    BAD_VALUE,
+    EMPTY_COMPLETION,
+    IDENTICAL,
+    MISSING_FIELD,
+    MIXED_FORMATS,
+    NOT_TEXT,
+    BadRow,
+    describe,
+)
+from .schema import PreferencePair, Text
+
+# The field names of TRL's schema that `data.columns` may remap (preprocessors add their own).
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "id", "tie", "weight", "soft_label")
+# The marker before an assistant turn in HH-style text; an implicit text prompt ends right after it.
+ASSISTANT_MARKER = "\n\nAssistant:"
+
+
+class Row:
+    """A raw row seen through ``data.columns``: ``row.get("chosen")`` reads the mapped source column,
+    and errors name the column as it is spelled in the file."""
+
+    def __init__(self, values: Mapping[str, Any], columns: Mapping[str, str]):
+        self.values = values
+        self.columns = columns
+
+    def source_name(self, name: str) -> str:
+        return self.columns.get(name, name)
+
+    def label(self, name: str) -> str:
+        """The field as named in messages: the source column, with the schema name when renamed."""
+        source = self.source_name(name)
+        return source if source == name else f"{source} (as {name})"
+
+    def has(self, name: str) -> bool:
+        return self.source_name(name) in self.values
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(self.source_name(name), default)
+
+    def require(self, name: str) -> Any:
+        value = self.get(name)
+        if value is None:
+            state = "is null" if self.has(name) else "is missing"
+            raise BadRow(MISSING_FIELD, self.label(name), f"required field {state}")
+        return value
+
+
+def check_columns(columns: Mapping[str, str], allowed: Sequence[str], preprocessor: str) -> Dict[str, str]:
+    """``data.columns`` as a plain dict, every key one the preprocessor reads (else a DataError)."""
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(allowed))
+    if unknown:
+        raise DataError(
+            "; ".join(f"`data.columns.{k}`: not a field the {preprocessor} preprocessor reads" for k in unknown)
+            + f" (it reads: {', '.join(allowed)})"
+        )
+    for key, value in columns.items():
+        if not isinstance(value, str) or not value:
+            raise DataError(f"`data.columns.{key}`: expected a column name, got {describe(value)}")
+    return columns
+
+
+# ==================================================================== text values
+
+
+def as_text(value: Any, field: str, *, allow_empty_list: bool = False) -> Text:
+    """A string, or a list of messages with a non-empty string ``role`` and a string ``content``."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise BadRow(NOT_TEXT, field, f"expected a string or a list of {{role, content}} messages, got {describe(value)}")
+    if not value and not allow_empty_list:
+        raise BadRow(NOT_TEXT, field, "the message list is empty")
+    messages: List[Dict[str, Any]] = []
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise BadRow(NOT_TEXT, field, f"message {i} is not an object: {describe(message)}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise BadRow(NOT_TEXT, field, f"message {i} has no string 'role' (got {describe(role)})")
+        if not isinstance(content, str):
+            raise BadRow(NOT_TEXT, field, f"message {i} has no string 'content' (got {describe(content)})")
+        messages.append(dict(message))
+    return messages
+
+
+def is_blank(text: Text) -> bool:
+    if isinstance(text, str):
+        return not text.strip()
+    return not any(m["content"].strip() for m in text)
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in blocks first: the shared prompt of a dialogue is usually most of the text.
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def split_implicit(chosen: Text, rejected: Text) -> Tuple[Text, Text, Text]:
+    """(prompt, chosen completion, rejected completion) from two whole texts sharing a beginning.
+
+    Messages: the prompt is the leading messages both lists share. Strings: the longest common prefix,
+    cut back to a boundary so no word is split between prompt and completion: right after the last
+    ``"\\n\\nAssistant:"`` in it when there is one (HH-style dialogue), else before the last run of
+    whitespace in it (the completion then starts with that whitespace, as word-initial tokens of BPE
+    vocabularies do); with neither, the prompt is empty.
+    """
+    if isinstance(chosen, list):
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        return chosen[:k], chosen[k:], rejected[k:]
+    prefix = chosen[: _common_prefix_length(chosen, rejected)]
+    marker = prefix.rfind(ASSISTANT_MARKER)
+    if marker >= 0:
+        cut = marker + len(ASSISTANT_MARKER)
+    else:
+        last_space = max((i for i in range(len(prefix) - 1, -1, -1) if prefix[i].isspace()), default=-1)
+        cut = len(prefix[: last_space + 1].rstrip()) if last_space >= 0 else 0
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+# ==================================================================== optional fields
+
+
+def parse_tie(value: Any, field: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise BadRow(BAD_VALUE, field, f"expected true/false (or 0/1), got {describe(value)}")
+
+
+def parse_weight(value: Any, field: str) -> float:
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise BadRow(BAD_VALUE, field, f"expected a finite number >= 0, got {describe(value)}")
+    return float(value)
+
+
+def parse_soft_label(value: Any, field: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise BadRow(BAD_VALUE, field, f"expected a probability in [0, 1], got {describe(value)}")
+    return float(value)
+
+
+def parse_id(value: Any, field: str, default: str) -> str:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadRow(BAD_VALUE, field, f"expected a string or integer id, got {describe(value)}")
+    value = str(value)
+    if not value.strip():
+        raise BadRow(BAD_VALUE, field, "the id is empty")
+    return value
+
+
+# ==================================================================== the pair
+
+
+def make_pair(
+    *,
+    prompt: Optional[Text],
+    chosen: Text,
+    rejected: Text,
+    id: str,
+    fields: Tuple[str, str, str] = ("prompt", "chosen", "rejected"),
+    is_tie: bool = False,
+    weight: float = 1.0,
+    soft_label: Optional[float] = None,
+    source_file: str = "",
+    source_row: int = -1,
+    extra: Optional[Dict[str, Any]] = None,
+) -> PreferencePair:
+    """Check the three texts against each other and build the pair; ``prompt=None`` means implicit.
+
+    ``fields`` are the names used in messages for prompt, chosen and rejected.
+    """
+    prompt_field, chosen_field, rejected_field = fields
+    conversational = isinstance(chosen, list)
+    if isinstance(rejected, list) != conversational:
+        raise BadRow(MIXED_FORMATS, rejected_field, f"{chosen_field} is {_kind(chosen)} but {rejected_field} is {_kind(rejected)}")
+    if prompt is not None and isinstance(prompt, list) != conversational:
+        raise BadRow(MIXED_FORMATS, prompt_field, f"{prompt_field} is {_kind(prompt)} but {chosen_field} is {_kind(chosen)}")
+    if chosen == rejected:
+        raise BadRow(IDENTICAL, rejected_field, f"{rejected_field} is identical to {chosen_field}")
+    implicit = prompt is None
+    if implicit:
+        prompt, chosen, rejected = split_implicit(chosen, rejected)
+    for name, completion in ((chosen_field, chosen), (rejected_field, rejected)):
+        if is_blank(completion):
+            where = " once the shared prompt is split off" if implicit else ""
+            raise BadRow(EMPTY_COMPLETION, name, f"the completion is empty{where}")
+    return PreferencePair(
+        id=id,
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        is_tie=is_tie,
+        weight=weight,
+        soft_label=soft_label,
+        source_file=source_file,
+        source_row=source_row,
+        extra=extra or {},
+    )
+
+
+def _kind(text: Any) -> str:
+    return "a message list" if isinstance(text, list) else "a string"
+
+
+def generic_pair(row: Row, *, file: str, row_index: int, stem: str) -> PreferencePair:
+    """The generic preprocessor: TRL's schema, explicit or implicit prompt (see module doc)."""
+    chosen = as_text(row.require("chosen"), row.label("chosen"))
+    rejected = as_text(row.require("rejected"), row.label("rejected"))
+    prompt: Optional[Text] = None
+    if row.has("prompt"):
+        prompt = as_text(row.require("prompt"), row.label("prompt"), allow_empty_list=True)
+    return make_pair(
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        id=parse_id(row.get("id"), row.label("id"), f"{stem}:{row_index}"),
+        fields=(row.label("prompt"), row.label("chosen"), row.label("rejected")),
+        is_tie=parse_tie(row.get("tie"), row.label("tie")),
+        weight=parse_weight(row.get("weight"), row.label("weight")),
+        soft_label=parse_soft_label(row.get("soft_label"), row.label("soft_label")),
+        source_file=file,
+        source_row=row_index,
+    )
+
+
+def heldout_by_hash(key: str, fraction: float) -> bool:
+    """Deterministic membership of the held-out split: sha256 of ``key`` read as a number in [0, 1)."""
+    if fraction <= 0:
+        return False
+    value = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return value < fraction
