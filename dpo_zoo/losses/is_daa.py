@@ -30,7 +30,8 @@ class ISDAAConfig:
       the released script's 1.0 → C = e² ≈ 7.389). ``eps = 0`` is ``C = 1``.
     * ``clip_max`` (C) = None: the clip in ratio space; when given it is used instead of ``eps``. A
       non-default ``eps`` together with a ``clip_max`` other than ``e^{2ε}`` is an error, since one of
-      the two would be silently ignored. ``math.inf`` gives unclipped importance sampling.
+      the two would be silently ignored. ``math.inf`` gives unclipped importance sampling, whose
+      weights overflow fp32 once ``log w`` passes ≈ 88: the variance the clip exists to bound.
 
     ``C ≥ 1`` is required (``ε ≥ 0``): below 1 every pair would be down-weighted, including those the
     policy has not moved away from. [UNVERIFIED] how the paper itself writes the clip (a symbol C, ε,
