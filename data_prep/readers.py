@@ -72,7 +72,8 @@ def open_rows(path: str | Path, *, role: str = "train", split: Optional[str] = N
         return _dataset_folder(path, role=role, split=split)
     name = path.name.lower()
     if name.endswith(".parquet"):
-        return RowSource(str(path), file_stem(path), [str(path)], _parquet_rows(path))
+        parquet = _open_parquet(path)
+        return RowSource(str(path), file_stem(path), [str(path)], _parquet_rows(parquet), parquet.schema_arrow.names)
     if name.endswith((".json", ".json.gz")):
         return RowSource(str(path), file_stem(path), [str(path)], _json_rows(path))
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
@@ -147,13 +148,16 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
             yield row, BadRow(NOT_AN_OBJECT, None, f"expected a JSON object, got {describe(item)}")
 
 
-def _parquet_rows(path: Path) -> Iterator[RawRow]:
+def _open_parquet(path: Path) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a file that is not Parquet
         raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+
+
+def _parquet_rows(parquet: Any) -> Iterator[RawRow]:
     row = 0
     for batch in parquet.iter_batches(batch_size=1024):
         for item in batch.to_pylist():

@@ -28,6 +28,7 @@ none (the first completion token would have nothing to be predicted from).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
@@ -86,6 +87,10 @@ def _render(tokenizer: Any, pair: PreferencePair, side: str, chat_template: str)
     if not full.startswith(prompt_text):
         raise BadRow(TEMPLATE_NOT_PREFIX, side, f"rendered prompt ends with {prompt_text[-40:]!r}, conversation has {full[len(prompt_text) - 40:len(prompt_text) + 20]!r}")
     return _Side(prompt_text, full[len(prompt_text):], templated=True)
+
+
+def _token_end(offset: Tuple[int, int]) -> int:
+    return offset[1]
 
 
 def _uses_bos(tokenizer: Any) -> bool:
@@ -201,10 +206,8 @@ def tokenize_pairs(
             return_attention_mask=False,
         )
         for side, ids, offsets in zip(chunk, encoded["input_ids"], encoded["offset_mapping"]):
-            boundary = len(side.prompt)
-            start = 0
-            while start < len(ids) and offsets[start][1] <= boundary:
-                start += 1
+            # First token ending after the prompt's last character (token ends never decrease).
+            start = bisect.bisect_right(offsets, len(side.prompt), key=_token_end)
             ids = list(ids)
             if not side.templated:
                 if add_bos and not (ids and ids[0] == bos):
