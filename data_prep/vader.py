@@ -362,8 +362,11 @@ def _pair(a: Snippet, b: Snippet, *, threshold: Fraction, as_messages: bool) -> 
 
 
 def _options(options: Dict[str, object]) -> Dict[str, object]:
+    errors = [
+        f"`data.options.{key}`: not an option of the vader preprocessor (its options: {', '.join(OPTIONS)})"
+        for key in sorted(set(options) - set(OPTIONS))
+    ]
     merged = {**OPTIONS, **options}
-    errors = []
     threshold = merged["tie_threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
         errors.append(f"`data.options.tie_threshold`: expected a number >= 0, got {threshold!r}")
