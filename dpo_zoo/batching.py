@@ -177,8 +177,8 @@ def pair_batch(
     """Run the policy once over the ``[2B, L]`` block and build the :class:`PairBatch` the loss needs.
 
     Reference values come from ``collated.reference`` (the cache) unless ``reference_model`` is given,
-    in which case it runs under ``torch.inference_mode()`` inside ``reference_context`` (e.g. a PEFT
-    model's ``disable_adapter()``, so the frozen base weights are the reference).
+    in which case it runs without gradients inside ``reference_context()`` when given (e.g. a PEFT
+    model's ``disable_adapter``, so the frozen base weights are the reference).
     """
     wants = loss_wants(loss)
     vocab = Need.VOCAB_LOGPS in wants
@@ -196,7 +196,7 @@ def pair_batch(
         if reference_model is not None:
             import contextlib
 
-            with (reference_context or contextlib.nullcontext()), torch.no_grad():
+            with (reference_context() if reference_context else contextlib.nullcontext()), torch.no_grad():
                 ref_out = completion_logps(
                     reference_model, collated.input_ids, collated.attention_mask, collated.completion_start, vocab=vocab
                 )

@@ -539,12 +539,16 @@ def train(cfg) -> Path:
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / t.gradient_accumulation_steps
             tokens += collated.n_tokens
+            if engine.is_gradient_accumulation_boundary():
+                # Read before the step: the rate this step uses, and (ZeRO-0 records no norm) the
+                # pre-clipping gradient norm while the gradients still exist.
+                learning_rate = engine.get_lr()[0]
+                own_norm = _grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
             engine.step()
         elapsed = time.perf_counter() - started
         step_metrics = _mean_over_ranks(step_metrics, run)
-        grad_norm = engine.get_global_grad_norm()
-        step_metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else _grad_norm_fallback(engine)
-        step_metrics["learning_rate"] = engine.lr_scheduler.get_last_lr()[0]
+        step_metrics["grad_norm"] = own_norm if own_norm is not None else float(engine.get_global_grad_norm())
+        step_metrics["learning_rate"] = learning_rate
         step_metrics["tokens_per_second"] = tokens * run.world_size / max(elapsed, 1e-9)
         done = step + 1
         if t.log_every and (done % t.log_every == 0 or done == max_steps):
@@ -570,13 +574,14 @@ def train(cfg) -> Path:
     return final_dir
 
 
-def _grad_norm_fallback(engine) -> float:
-    """ZeRO-0 with a torch optimizer does not record the norm; compute it from the (clipped) grads."""
-    total = 0.0
+def _grad_norm(engine) -> float:
+    """L2 norm of all gradients (ZeRO-0 keeps them on the parameters), summed over ranks' replicas
+    identically since DeepSpeed has already averaged them."""
+    total = torch.zeros((), dtype=torch.float64)
     for p in engine.module.parameters():
         if p.grad is not None:
-            total += float(p.grad.detach().float().pow(2).sum())
-    return math.sqrt(total)
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    return math.sqrt(float(total))
 
 
 # ==================================================================== checkpoints

@@ -1,0 +1,196 @@
+"""The trainer: every registered loss trains from the cache; the invariances users rely on hold.
+
+All runs use the tiny random Llama and a prepared slice of the real HH-RLHF data (conftest), in fp32
+on the CPU, so equalities are exact up to float reassociation.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo_zoo.config import load_config
+from dpo_zoo.errors import TrainingError
+from dpo_zoo.losses import registered_losses
+from dpo_zoo.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# Invariance tests compare weights after Adam steps. Adam divides by √v, so a float32 difference of
+# 1e-7 in a near-zero gradient (e.g. from summing in another order) moves a weight by up to ~lr·0.1;
+# at this learning rate that stays below the 1e-6 tolerance while every step still changes weights.
+INVARIANCE_LR = "train.learning_rate=1e-5"
+
+
+def run_training(overrides, out_dir, *extra):
+    cfg = load_config([], list(overrides) + [f"train.output_dir={out_dir}", *extra])
+    return train(cfg)
+
+
+def weights(final_dir) -> dict:
+    return load_file(str(Path(final_dir) / "model.safetensors"))
+
+
+def initial_weights(tiny_model_dir) -> dict:
+    return load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+
+
+def step_losses(out_dir):
+    records = [json.loads(line) for line in open(Path(out_dir) / "logs.jsonl")]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(registered_losses()))
+def test_every_registered_loss_trains_every_parameter(name, tiny_prepared, tiny_model_dir, tmp_path):
+    final = run_training(tiny_prepared, tmp_path / name, f"loss={name}")
+    before, after = initial_weights(tiny_model_dir), weights(final)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"{name}: parameters not updated: {unchanged}"
+    records = [json.loads(line) for line in open(tmp_path / name / "logs.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all(map(lambda r: r["loss"] == r["loss"], steps))  # finite, not NaN
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "learning_rate"):
+        assert key in steps[0], key
+    assert any(k.startswith("eval_") for r in records for k in r)
+    run = json.loads((tmp_path / name / "run.json").read_text())
+    assert run["loss"] == name and run["cache_key"]["tokenizer"]
+
+
+@pytest.mark.parametrize("name", ["dpo", "sampo", "is_daa"])
+def test_cached_reference_equals_live_reference(name, tiny_prepared, tmp_path):
+    cached = run_training(tiny_prepared, tmp_path / "cache", f"loss={name}", "train.reference=cache", INVARIANCE_LR)
+    live = run_training(tiny_prepared, tmp_path / "live", f"loss={name}", "train.reference=live", INVARIANCE_LR)
+    assert step_losses(tmp_path / "cache") == pytest.approx(step_losses(tmp_path / "live"), abs=1e-6)
+    assert_same_weights(weights(cached), weights(live), atol=1e-6)
+
+
+def test_batch_8x1_equals_batch_1x8(tiny_prepared, tmp_path):
+    a = run_training(tiny_prepared, tmp_path / "a", "train.micro_batch_size=8", "train.gradient_accumulation_steps=1", INVARIANCE_LR)
+    b = run_training(tiny_prepared, tmp_path / "b", "train.micro_batch_size=1", "train.gradient_accumulation_steps=8", INVARIANCE_LR)
+    assert step_losses(tmp_path / "a") == pytest.approx(step_losses(tmp_path / "b"), abs=1e-6)
+    assert_same_weights(weights(a), weights(b), atol=1e-6)
+
+
+def test_zero_stages_agree(tiny_prepared, tmp_path):
+    finals = {
+        stage: run_training(tiny_prepared, tmp_path / f"z{stage}", f"train.deepspeed.zero_stage={stage}", "loss=sampo", INVARIANCE_LR)
+        for stage in (0, 1, 2, 3)
+    }
+    reference_losses = step_losses(tmp_path / "z0")
+    reference_weights = weights(finals[0])
+    for stage in (1, 2, 3):
+        assert step_losses(tmp_path / f"z{stage}") == pytest.approx(reference_losses, abs=1e-6), stage
+        assert_same_weights(weights(finals[stage]), reference_weights, atol=1e-6)
+
+
+def test_lora_trains_adapter_only_and_saves_it(tiny_prepared, tmp_path):
+    final = run_training(
+        tiny_prepared, tmp_path / "lora", "train.lora.enabled=true", "train.lora.r=4", "train.reference=live",
+        "train.max_steps=3",
+    )
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    assert not (final / "model.safetensors").exists()
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    losses = step_losses(tmp_path / "lora")
+    # At step 1 the adapter's B matrices are 0: policy = reference, so the DPO loss is exactly log 2.
+    assert losses[0] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def test_finished_run_is_reused_not_retrained(tiny_prepared, tmp_path):
+    final = run_training(tiny_prepared, tmp_path / "r")
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    run_training(tiny_prepared, tmp_path / "r")
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+    run_training(tiny_prepared, tmp_path / "r", "train.overwrite=true")
+    assert (final / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny_prepared, tmp_path):
+    """A run killed (SIGKILL) after its second checkpoint and started again ends with the weights of an
+    uninterrupted run, to 1e-6."""
+    common = ["train.max_steps=5", "train.save_every=1", "loss=sampo", "train.warmup_steps=2", "train.lr_schedule=cosine"]
+    uninterrupted = run_training(tiny_prepared, tmp_path / "full", *common)
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "dpo_zoo.cli", "train", *tiny_prepared, f"train.output_dir={out}", *common]
+    # This process set RANK/MASTER_PORT for its own one-process group; the child must make its own.
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["DS_ACCELERATOR"] = "cpu"
+    log_file = open(tmp_path / "killed.log", "w")
+    process = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-0000002").exists():
+        assert process.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "final").exists()
+
+    resumed = run_training(tiny_prepared, out, *common)
+    log = [json.loads(line) for line in open(out / "logs.jsonl")]
+    assert any(r.get("event") == "resume" for r in log)
+    assert_same_weights(weights(resumed), weights(uninterrupted), atol=1e-6)
+
+
+def test_non_finite_loss_is_caught_with_step_and_batch(tiny_prepared, tmp_path, monkeypatch):
+    from dpo_zoo.losses import dpo as dpo_module
+
+    original = dpo_module.DPOLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second micro-batch: step 1
+            out.losses = out.losses + float("nan")
+        return out
+
+    monkeypatch.setattr(dpo_module.DPOLoss, "forward", poisoned)
+    with pytest.raises(TrainingError) as info:
+        run_training(tiny_prepared, tmp_path / "nan", "train.max_steps=3")
+    message = str(info.value)
+    assert "non-finite loss" in message and "at step 1" in message and "pair ids" in message
+
+
+def test_preflight_refuses_a_loss_the_cache_cannot_serve(tiny_model_dir, tmp_path):
+    from conftest import tiny_overrides, write_hh_slice
+    from dpo_zoo.prep import run_prep
+
+    data = write_hh_slice(tmp_path / "hh.jsonl", 12)
+    overrides = tiny_overrides(tiny_model_dir, data, tmp_path / "prepared", **{"prep.topk": 0})
+    run_prep(load_config([], overrides))
+    with pytest.raises(TrainingError, match="vocab_logps.*prep.topk"):
+        run_training(overrides, tmp_path / "ra", "loss=ra_dpo", "train.reference=cache")
+
+
+def test_preflight_refuses_a_cache_of_another_tokenizer(tiny_prepared, tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, str(REPO / "tests"))
+    from tiny import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other-model"
+    model = AutoModelForCausalLM.from_pretrained([o.split("=", 1)[1] for o in tiny_prepared if o.startswith("model.name_or_path=")][0])
+    model.save_pretrained(other, safe_serialization=True)
+    make_tokenizer(vocab_size=300).save_pretrained(other)
+    with pytest.raises(TrainingError, match="another tokenizer"):
+        run_training(tiny_prepared, tmp_path / "x", f"model.name_or_path={other}")
