@@ -13,7 +13,8 @@ Optional fields: ``id`` (string or integer; default ``<file stem>:<row>``), ``ti
 ``weight`` (finite number >= 0, default 1), ``soft_label`` (P(chosen preferred), a number in [0, 1]).
 ``data.columns`` renames source columns onto these names.
 
-Checks (each a :class:`~data_prep.drops.BadRow` with its reason): a required field is missing or null;
+Checks (each a :class:`~data_prep.drops.BadRow` with its reason): a required field is missing or null
+(a ``prompt`` field that is present counts as required: leave it out for an implicit prompt);
 a field is not text (a number, a malformed message list); prompt and completions mix strings and
 messages; an optional field has a bad value; a completion is empty (or whitespace only); chosen is
 identical to rejected.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
@@ -114,7 +115,7 @@ def _jsonl_rows(path: Path) -> Iterator[RawRow]:
                 parsed = _parse_line(raw, row)
                 if parsed is not None:
                     yield row, parsed
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         # A truncated or corrupt gzip stream: the rows after it are unreadable; say so, do not stop quietly.
         raise DataError(f"{path}: cannot read the file: {err}") from None
 
@@ -123,7 +124,7 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
     try:
         with _open_bytes(path) as f:
             data = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read the file: {err}") from None
     try:
         text = codecs.decode(data, "utf-8-sig")

@@ -20,7 +20,8 @@ prompt character. A token that a BPE merges across the boundary (prompt ``"... t
 Each side has its own boundary, since a merge may happen on one side only.
 
 **Truncation.** A prompt longer than ``max_prompt_length`` tokens keeps its last tokens (``keep_end``,
-the most recent turns; a plain-text BOS stays in front) or its first (``keep_start``); the completion is
+the most recent turns; when the tokenizer adds BOS by itself, a leading BOS stays in front) or its
+first (``keep_start``); the completion is
 then cut to fit ``max_length``. A row is bad when a completion is cut to nothing (possible when
 ``max_prompt_length >= max_length``), when a completion has no tokens at all, or when the prompt has
 none (the first completion token would have nothing to be predicted from).
@@ -103,9 +104,9 @@ def _uses_bos(tokenizer: Any) -> bool:
     return len(with_special) > len(without) and with_special[0] == bos
 
 
-def _batched(items: Sequence, size: int) -> Iterable[Tuple[int, Sequence]]:
+def _batched(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
-        yield start, items[start : start + size]
+        yield items[start : start + size]
 
 
 def _truncate(
@@ -170,8 +171,10 @@ def tokenize_pairs(
     """
     if truncation_mode not in TRUNCATION_MODES:
         raise DataError(f"`prep.truncation_mode`: {truncation_mode!r} is not one of {', '.join(TRUNCATION_MODES)}")
-    if max_length < 1 or max_prompt_length < 1:
-        raise DataError(f"`prep.max_length` and `prep.max_prompt_length` must be >= 1, got {max_length} and {max_prompt_length}")
+    if max_length < 1 or max_prompt_length < 1 or batch_size < 1:
+        raise DataError(
+            f"max_length, max_prompt_length and batch_size must be >= 1, got {max_length}, {max_prompt_length}, {batch_size}"
+        )
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
             f"the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; the prompt/completion boundary "
@@ -198,7 +201,7 @@ def tokenize_pairs(
     # 2. Tokenize prompt + completion jointly, in batches, with offsets.
     sides = [side for r in rendered if r is not None for side in r]
     ids_and_starts: List[Tuple[List[int], int]] = []
-    for _, chunk in _batched(sides, batch_size):
+    for chunk in _batched(sides, batch_size):
         encoded = tokenizer(
             [s.prompt + s.completion for s in chunk],
             add_special_tokens=False,

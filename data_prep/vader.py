@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -164,6 +165,22 @@ def fetch_sdist(directory: Optional[Path] = None) -> Path:
 # ==================================================================== reading the snippets
 
 
+def _tar_members(path: Path, wanted: set) -> Dict[str, Tuple[str, bytes]]:
+    """The wanted files from the sdist (through its inner tarball) or from the inner tarball itself."""
+    with tarfile.open(path, "r:*") as outer:
+        members = {Path(m.name).name: m for m in outer.getmembers() if m.isfile()}
+        if INNER_TARBALL not in members:
+            return {name: (f"{path}!{m.name}", outer.extractfile(m).read()) for name, m in members.items() if name in wanted}
+        member = members[INNER_TARBALL]
+        prefix = f"{path}!{member.name}"
+        with tarfile.open(fileobj=io.BytesIO(outer.extractfile(member).read()), mode="r:*") as inner:
+            return {
+                Path(m.name).name: (f"{prefix}!{m.name}", inner.extractfile(m).read())
+                for m in inner.getmembers()
+                if m.isfile() and Path(m.name).name in wanted
+            }
+
+
 def _member_files(path: Path) -> Tuple[Dict[str, Tuple[str, bytes]], List[str]]:
     """{file name: (display name, bytes)} of the eight data files, from an sdist, the inner tarball or a
     folder; and the files read from disk."""
@@ -173,25 +190,9 @@ def _member_files(path: Path) -> Tuple[Dict[str, Tuple[str, bytes]], List[str]]:
         files = sorted(display for display, _ in found.values())
         return found, files
     try:
-        outer = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as err:
+        found = _tar_members(path, wanted)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: not a readable tarball (the vaderSentiment sdist or {INNER_TARBALL}): {err}") from None
-    with outer:
-        members = {Path(m.name).name: m for m in outer.getmembers() if m.isfile()}
-        if INNER_TARBALL in members:
-            member = members[INNER_TARBALL]
-            prefix = f"{path}!{member.name}"
-            inner_bytes = outer.extractfile(member).read()
-            with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:*") as inner:
-                found = {
-                    Path(m.name).name: (f"{prefix}!{m.name}", inner.extractfile(m).read())
-                    for m in inner.getmembers()
-                    if m.isfile() and Path(m.name).name in wanted
-                }
-        else:
-            found = {
-                name: (f"{path}!{m.name}", outer.extractfile(m).read()) for name, m in members.items() if name in wanted
-            }
     return found, [str(path)]
 
 

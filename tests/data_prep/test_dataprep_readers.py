@@ -62,6 +62,15 @@ def test_truncated_gzip_is_a_named_error(tmp_path, write_jsonl):
         _rows(cut)
 
 
+def test_corrupt_gzip_is_a_named_error(tmp_path, write_jsonl):
+    whole = bytearray(write_jsonl("d.jsonl.gz", ROWS * 50).read_bytes())
+    whole[40:60] = bytes(20)  # damage the deflate stream, keep the header
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(bytes(whole))
+    with pytest.raises(DataError, match="bad.jsonl.gz: cannot read the file"):
+        _rows(bad)
+
+
 @pytest.mark.parametrize("layout", ["list", "data"])
 def test_json_list_or_data_object(tmp_path, layout):
     path = tmp_path / "d.json"

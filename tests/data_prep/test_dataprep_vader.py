@@ -227,6 +227,10 @@ def test_options_and_settings_are_checked(tmp_path):
         load_splits(cfg(path, heldout_path=str(path)))
     with pytest.raises(DataError, match="data.columns"):
         load_splits(cfg(path, columns={"chosen": "x"}))
+    not_a_tarball = tmp_path / "ratings.txt"
+    not_a_tarball.write_text("1\t0.5\thello")
+    with pytest.raises(DataError, match="ratings.txt: not a readable tarball"):
+        load_splits(cfg(not_a_tarball))
     not_vader = tmp_path / "other.tar.gz"
     not_vader.write_bytes(_tar({"x/readme.txt": b"hi"}))
     with pytest.raises(DataError, match="movieReviewSnippets_GroundTruth.txt, movieReviewSnippets_anonDataRatings.txt not found"):
