@@ -401,8 +401,10 @@ class PreparedSetWriter:
             first_id=info["first_id"], last_id=info["last_id"], tokens=info["tokens"], ids_digest=info["ids_digest"],
         )
 
-    def write(self, index: int, table: pa.Table, tokens: Mapping[str, int]) -> ShardRecord:
-        """Write shard ``index`` (atomically), then its sidecar. The table's ids must be the planned ones."""
+    def write(self, index: int, table: pa.Table, tokens: Mapping[str, int],
+              written_by: Optional[Mapping[str, Any]] = None) -> ShardRecord:
+        """Write shard ``index`` (atomically), then its sidecar. The table's ids must be the planned ones.
+        ``written_by`` (e.g. rank and world size) is kept in the sidecar as provenance."""
         ids = table.column(S.ID).to_pylist()
         if ids != self.shard_ids[index]:
             raise CacheError(f"{self.directory / shard_file(index)}: rows do not match the shard plan")
@@ -416,7 +418,7 @@ class PreparedSetWriter:
         )
         atomic_write_bytes(self.directory / record.file, data.to_pybytes())
         sidecar = {**record.manifest_entry(), "shard": index, "ids_digest": record.ids_digest,
-                   "key_digest": self.key_digest}
+                   "key_digest": self.key_digest, "written_by": dict(written_by or {})}
         atomic_write_bytes(self.directory / sidecar_file(index), (json.dumps(sidecar, indent=1) + "\n").encode())
         return record
 

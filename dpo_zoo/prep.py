@@ -458,7 +458,8 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
             else:
                 references = reference_pass(model, shard, batch_size=cfg.prep.batch_size, topk=int(cfg.prep.topk),
                                             pad_id=pad_id, device=device, on_batch=on_batch)
-            writer.write(index, build_shard_table(shard, references, layout), shard_token_counts(shard))
+            writer.write(index, build_shard_table(shard, references, layout), shard_token_counts(shard),
+                         written_by={"rank": processes.rank, "world_size": processes.world})
     finally:
         bar.close()
     processes.barrier()

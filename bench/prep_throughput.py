@@ -1,0 +1,154 @@
+"""Prep throughput against a bare forward pass of the same model over the same batches.
+
+    python bench/prep_throughput.py --model smollm2-135m-instruct --pairs 64
+
+What is timed, on the same tokenized pairs, cut into the same shards and length-grouped batches:
+
+* **bare forward**: ``model(input_ids, attention_mask)`` under ``torch.inference_mode()`` for every
+  batch, nothing else: the floor any reference pass pays;
+* **prep**: what ``dpo-zoo prep`` does per shard after tokenization: the reference pass
+  (:func:`dpo_zoo.prep.reference_pass`, i.e. ``completion_logps`` per batch), building the Arrow table,
+  writing the shard and its sidecar atomically (fsync'd), and finally the manifest with the full
+  coverage check.
+
+Tokens are input tokens (prompt + completion, both sides, no padding). Each measurement is repeated
+(``--repeats``, alternating the two) and the fastest run of each is reported, which on a shared
+machine is the least disturbed one. Data loading and tokenization are the same for both and are
+reported separately. Cache size is the total bytes of the shards divided by the input tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or a local model folder")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="preference data file (default: HH-RLHF harmless test)")
+    parser.add_argument("--preprocessor", default="hh_rlhf")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch (2x sequences), as prep.batch_size")
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--topk", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    import data_prep
+    from dpo_zoo.cache import Layout, PreparedSetWriter, build_shard_table, plan_shards, shard_token_counts
+    from dpo_zoo.config import load_config
+    from dpo_zoo.models import load_model, load_tokenizer, resolve_model_path
+    from dpo_zoo.prep import plan_batches, reference_pass
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config([], [
+        f"model.name_or_path={args.model}",
+        f"data.preprocessor={args.preprocessor}",
+        f"data.train_path={args.data}",
+        "data.heldout_fraction=0.0",
+        f"data.max_train_pairs={args.pairs}",
+        "data.on_bad_row=skip",
+    ])
+
+    started = time.perf_counter()
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    splits = data_prep.load_splits(cfg.data)
+    rows = data_prep.tokenize_pairs(
+        tokenizer, splits.train, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+        truncation_mode="keep_end", chat_template="auto", on_bad_row="skip", drops=splits.drops,
+    )
+    load_seconds = time.perf_counter() - started
+    model = load_model(model_path, args.dtype)
+    shards = [rows[i : i + args.shard_size] for i in range(0, len(rows), args.shard_size)]
+    batches = [batch for shard in shards for batch in plan_batches(shard, args.batch_size, tokenizer.pad_token_id)]
+    tokens = sum(shard_token_counts(shard)["input"] for shard in shards)
+    padded = sum(b.input_ids.numel() for b in batches)
+    device = torch.device("cpu")
+    layout = Layout(topk=args.topk)
+
+    def bare_forward() -> float:
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            for batch in batches:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return time.perf_counter() - begin
+
+    def prep(directory: Path) -> float:
+        begin = time.perf_counter()
+        writer = PreparedSetWriter(directory, {"bench": True}, plan_shards([r.pair.id for r in rows], args.shard_size), layout)
+        writer.prepare_directory()
+        for index, shard in enumerate(shards):
+            references = reference_pass(model, shard, batch_size=args.batch_size, topk=args.topk,
+                                        pad_id=tokenizer.pad_token_id, device=device)
+            writer.write(index, build_shard_table(shard, references, layout), shard_token_counts(shard))
+        writer.finalize(split="bench")
+        return time.perf_counter() - begin
+
+    # Warm-up: the first forward of a process allocates and picks kernels.
+    with torch.inference_mode():
+        model(input_ids=batches[-1].input_ids, attention_mask=batches[-1].attention_mask, use_cache=False)
+
+    bare_times, prep_times, cache_bytes = [], [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            bare_times.append(bare_forward())
+            target = Path(tmp) / f"run{repeat}"
+            prep_times.append(prep(target))
+            cache_bytes = sum(p.stat().st_size for p in target.glob("shard-*.arrow"))
+            print(f"  run {repeat + 1}/{args.repeats}: bare {bare_times[-1]:.2f} s, prep {prep_times[-1]:.2f} s", flush=True)
+
+    bare, prepared = min(bare_times), min(prep_times)
+    figures = {
+        "model": args.model,
+        "pairs": len(rows),
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "batches": len(batches),
+        "shards": len(shards),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "topk": args.topk,
+        "load_and_tokenize_s": round(load_seconds, 3),
+        "bare_forward_s": round(bare, 3),
+        "prep_s": round(prepared, 3),
+        "bare_tokens_per_s": round(tokens / bare, 1),
+        "prep_tokens_per_s": round(tokens / prepared, 1),
+        "ratio": round(bare / prepared, 3),
+        "cache_bytes": cache_bytes,
+        "bytes_per_token": round(cache_bytes / tokens, 2),
+    }
+    print()
+    print(f"{len(rows)} pairs, {tokens:,} tokens ({padded:,} with padding) in {len(batches)} batches, "
+          f"{len(shards)} shards; {figures['threads']} threads, {args.dtype}, topk={args.topk}")
+    print(f"{'':<14} {'seconds':>9} {'tokens/s':>10}")
+    print(f"{'bare forward':<14} {bare:>9.2f} {tokens / bare:>10,.0f}")
+    print(f"{'prep':<14} {prepared:>9.2f} {tokens / prepared:>10,.0f}")
+    print(f"prep / bare throughput: {figures['ratio']:.3f}  (target >= 0.9)")
+    print(f"cache: {cache_bytes:,} bytes = {figures['bytes_per_token']:.2f} bytes/token")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
