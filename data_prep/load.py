@@ -168,6 +168,23 @@ def fingerprint(train: Sequence[PreferencePair], heldout: Sequence[PreferencePai
     return digest.hexdigest()
 
 
+def _without_training_ids(heldout: List[PreferencePair], train: List[PreferencePair], policy: RowPolicy) -> List[PreferencePair]:
+    """Held-out pairs whose id is also a training id are bad rows: they would be scored after training on them."""
+    train_by_id = {p.id: p for p in train}
+    kept = []
+    for pair in heldout:
+        other = train_by_id.get(pair.id)
+        if other is None:
+            kept.append(pair)
+            continue
+        policy.bad(
+            pair.source_file, pair.source_row, "id", DUPLICATE_ID,
+            f"id {pair.id!r} is also a training pair ({other.source_file}, row {other.source_row}); "
+            "a held-out pair must not be trained on",
+        )
+    return kept
+
+
 def _cap(pairs: List[PreferencePair], limit: Optional[int], key: str, drops: DropReport) -> List[PreferencePair]:
     if limit is None:
         return pairs
@@ -218,19 +235,7 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
         if heldout_path:
             heldout, heldout_files = read_pairs(heldout_path, role="heldout", **common)
             sources = sources + [f for f in heldout_files if f not in sources]
-            train_rows = {p.id: p for p in train}
-            kept = []
-            for pair in heldout:
-                if pair.id in train_rows:
-                    other = train_rows[pair.id]
-                    policy.bad(
-                        pair.source_file, pair.source_row, "id", DUPLICATE_ID,
-                        f"id {pair.id!r} is also a training pair ({other.source_file}, row {other.source_row}); "
-                        "a held-out pair must not be trained on",
-                    )
-                    continue
-                kept.append(pair)
-            heldout = kept
+            heldout = _without_training_ids(heldout, train, policy)
         else:
             held = [heldout_by_hash(split_key(p), fraction) for p in train]
             heldout = [p for p, h in zip(train, held) if h]

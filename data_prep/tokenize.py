@@ -30,6 +30,7 @@ none (the first completion token would have nothing to be predicted from).
 from __future__ import annotations
 
 import bisect
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
@@ -63,7 +64,7 @@ def plain_dialogue(messages: Sequence[dict]) -> str:
     return "".join(f"\n\n{_PLAIN_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages)
 
 
-def _render(tokenizer: Any, pair: PreferencePair, side: str, chat_template: str) -> _Side:
+def _render(tokenizer: Any, pair: PreferencePair, side: str, chat_template: str, prompt_cache: dict) -> _Side:
     completion: Text = getattr(pair, side)
     prompt: Text = pair.prompt
     if isinstance(completion, str):
@@ -78,10 +79,14 @@ def _render(tokenizer: Any, pair: PreferencePair, side: str, chat_template: str)
             prompt_text, completion_text = plain_dialogue(prompt), plain_dialogue(completion)
         return _Side(prompt_text, completion_text, templated=False)
     template = None if chat_template == "auto" else chat_template
+    # Both sides of a pair (and, in data like VADER's, many pairs) share a prompt: render it once.
+    key = (json.dumps(prompt, sort_keys=True), generation)
     try:
-        prompt_text = tokenizer.apply_chat_template(
-            list(prompt), tokenize=False, add_generation_prompt=generation, chat_template=template
-        )
+        if key not in prompt_cache:
+            prompt_cache[key] = tokenizer.apply_chat_template(
+                list(prompt), tokenize=False, add_generation_prompt=generation, chat_template=template
+            )
+        prompt_text = prompt_cache[key]
         full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False, chat_template=template)
     except Exception as err:  # jinja2 errors, or the template's own raise_exception (roles must alternate, ...)
         raise BadRow(TEMPLATE_ERROR, side, f"{type(err).__name__}: {err}") from None
@@ -191,9 +196,10 @@ def tokenize_pairs(
 
     # 1. Render each side to (prompt text, completion text); a side that cannot be rendered is bad.
     rendered: List[Optional[Tuple[_Side, _Side]]] = []
+    prompt_cache: dict = {}
     for pair in pairs:
         try:
-            rendered.append((_render(tokenizer, pair, "chosen", chat_template), _render(tokenizer, pair, "rejected", chat_template)))
+            rendered.append(tuple(_render(tokenizer, pair, side, chat_template, prompt_cache) for side in ("chosen", "rejected")))
         except BadRow as bad:
             policy.bad_row(pair.source_file, pair.source_row, bad)
             rendered.append(None)
