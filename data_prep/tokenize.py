@@ -134,9 +134,10 @@ def _truncate(
 
 def _finish_side(
     name: str, ids: List[int], start: int, *, max_length: int, max_prompt_length: int, mode: str,
-    keep_bos: Optional[int], cuts: dict,
-) -> Tuple[List[int], int]:
-    """Check one side's tokens and truncate them; raises BadRow for a side that cannot be scored."""
+    keep_bos: Optional[int],
+) -> Tuple[List[int], int, bool, bool]:
+    """Check one side's tokens and truncate them: (ids, completion start, prompt cut?, completion cut?).
+    Raises BadRow for a side that cannot be scored."""
     if start == len(ids):
         raise BadRow(EMPTY_COMPLETION, name, "the completion has no tokens")
     if start == 0:
@@ -152,9 +153,7 @@ def _finish_side(
             TRUNCATED_TO_NOTHING, name,
             f"the prompt keeps {start} tokens and max_length is {max_length} (max_prompt_length={max_prompt_length})",
         )
-    cuts["prompt"] += prompt_cut
-    cuts["completion"] += completion_cut
-    return ids, start
+    return ids, start, prompt_cut, completion_cut
 
 
 def tokenize_pairs(
@@ -237,13 +236,15 @@ def tokenize_pairs(
         try:
             finished = [
                 _finish_side(name, ids, start, max_length=max_length, max_prompt_length=max_prompt_length,
-                             mode=truncation_mode, keep_bos=bos if add_bos else None, cuts=cuts)
+                             mode=truncation_mode, keep_bos=bos if add_bos else None)
                 for name, (ids, start) in zip(("chosen", "rejected"), raw_sides)
             ]
         except BadRow as bad:
             policy.bad_row(pair.source_file, pair.source_row, bad)
             continue
-        (chosen_ids, chosen_start), (rejected_ids, rejected_start) = finished
+        (chosen_ids, chosen_start, *chosen_cuts), (rejected_ids, rejected_start, *rejected_cuts) = finished
+        cuts["prompt"] += chosen_cuts[0] + rejected_cuts[0]
+        cuts["completion"] += chosen_cuts[1] + rejected_cuts[1]
         out.append(TokenizedPair(pair, chosen_ids, chosen_start, rejected_ids, rejected_start))
     if drops is not None:
         drops.note("prompt sides truncated to max_prompt_length", cuts["prompt"])

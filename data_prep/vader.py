@@ -62,7 +62,7 @@ import sys
 import tarfile
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -100,7 +100,6 @@ class Snippet:
     ratings: List[int]
     file: str
     row: int
-    merged_ids: List[str] = field(default_factory=list)
 
     @property
     def mean(self) -> Fraction:
@@ -277,7 +276,6 @@ def read_snippets(path: Path, sources: Sequence[str], policy: RowPolicy, drops: 
                 mean_mismatch += 1
             if text in by_text:
                 by_text[text].ratings = by_text[text].ratings + list(values)
-                by_text[text].merged_ids.append(snippet_id)
                 merged += 1
                 continue
             by_text[text] = Snippet(source, snippet_id, text, list(values), truth_display, row)
