@@ -211,11 +211,14 @@ def choose_reference(cfg, loss: Loss, train_set) -> str:
 
 
 def missing_from_cache(loss: Loss, train_set) -> List[str]:
+    """The reference needs of ``loss`` that the prepared set cannot serve, as the loss names them."""
     provides = set(train_set.provides)
     missing = []
-    for need in sorted(loss_wants(loss) & {Need.SEQUENCE_LOGPS, Need.TOKEN_LOGPS, Need.VOCAB_LOGPS}, key=str):
-        if need in loss.requires and need.value not in provides:
+    for need in sorted(loss.requires & {Need.SEQUENCE_LOGPS, Need.TOKEN_LOGPS, Need.VOCAB_LOGPS}, key=str):
+        if need.value not in provides:
             missing.append(need.value)
+        elif need is Need.VOCAB_LOGPS and not loss.accepts_topk_reference:
+            missing.append("vocab_logps over the whole vocabulary (the cache holds the top-k)")
     return missing
 
 

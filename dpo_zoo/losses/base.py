@@ -273,6 +273,13 @@ class Loss:
         """Whether the loss reads reference log-probs at all (all of the spec's losses do)."""
         return True
 
+    @property
+    def accepts_topk_reference(self) -> bool:
+        """For vocabulary-level losses: whether the reference's top-k distribution (what the on-disk
+        cache stores) can stand in for the full one. Losses that rank every vocabulary entry say no,
+        and then train against a live reference."""
+        return True
+
     def needed_fields(self) -> List[str]:
         """The batch fields this configured loss requires (reference fields dropped if reference-free)."""
         out: List[str] = []
