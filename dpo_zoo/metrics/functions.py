@@ -98,6 +98,22 @@ def pair_labels(soft_label: Any, n: int) -> np.ndarray:
     return np.where(np.isnan(soft), 1.0, soft)
 
 
+def decided_win_prob(win_prob: Any, tie_prob: Any = None) -> np.ndarray:
+    """``P(y_w ≻ y_l | the pair is not a tie)`` = ``p_win / (1 − p_tie)``: what a non-tie label measures.
+
+    A tie-aware model (Rao–Kupper, Davidson; arXiv:2409.17431) splits its mass over three outcomes, so
+    ``p_win`` alone understates how sure it is of the order of a decided pair, and ``1 − p_win`` is not
+    ``p_lose``. Conditioning on "not a tie" restores a two-outcome probability, whose swap is
+    ``1 − p``; without ``tie_prob`` (Bradley–Terry losses) ``p_win`` is returned unchanged.
+    """
+    p = as_array(win_prob, "win_prob")
+    if tie_prob is None:
+        return p
+    tie = as_array(tie_prob, "tie_prob", p.size)
+    decided = 1.0 - tie
+    return np.divide(p, decided, out=np.full_like(p, 0.5), where=decided > 0)
+
+
 def _symmetrized(win_prob: Any, labels: Any):
     p = as_array(win_prob, "win_prob")
     y = as_array(labels, "labels", p.size)

@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from dpo_zoo.metrics.functions import brier_score, calibration_bins, expected_calibration_error
+from dpo_zoo.metrics.functions import brier_score, calibration_bins, decided_win_prob, expected_calibration_error
 
 _DESCRIPTION = """
 Calibration of a loss's predicted P(y_w > y_l) ("win_prob") against labels: the pair's soft label
@@ -14,6 +14,9 @@ ECE = sum_b (n_b / n) |mean label_b - mean prediction_b|. Each pair counts twice
 swapped (1 - p, 1 - y), so that hard labels (all 1 in chosen-first order) still give a meaningful
 reliability table and the result does not depend on which side was stored first; n is therefore twice
 the number of pairs. Brier score: mean (p - y)^2 (unchanged by swapping).
+
+Give decided (non-tie) pairs only. For a tie-aware loss pass its `tie_prob` too: the prediction is then
+P(y_w > y_l | not a tie) = win_prob / (1 - tie_prob), the two-outcome probability a non-tie label tests.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -21,6 +24,7 @@ Args:
     win_prob (`list` of `float`): predicted P(y_w > y_l) in [0, 1], one per pair.
     labels (`list` of `float`): target in [0, 1]: soft label where known, else 1.
     n_bins (`int`, optional, default 10): number of equal-width bins.
+    tie_prob (`list` of `float`, optional): a tie-aware loss's predicted P(y_w ~ y_l) per pair.
 Returns:
     ece, brier, bins (the reliability table: lower, upper, count, confidence, observed).
 Example:
@@ -55,7 +59,8 @@ class Calibration(evaluate.Metric):
             features=datasets.Features({"win_prob": datasets.Value("float64"), "labels": datasets.Value("float64")}),
         )
 
-    def _compute(self, win_prob, labels, n_bins=10):
+    def _compute(self, win_prob, labels, n_bins=10, tie_prob=None):
+        win_prob = decided_win_prob(win_prob, tie_prob)
         return {
             "ece": expected_calibration_error(win_prob, labels, n_bins),
             "brier": brier_score(win_prob, labels),
