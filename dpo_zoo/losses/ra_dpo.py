@@ -339,9 +339,16 @@ class RaDPOLoss(Loss):
     """
 
     Config = RaDPOConfig
-    requires = frozenset({Need.VOCAB_LOGPS})
+    # TOKEN_LOGPS as well: with a top-k reference, the reference's log-prob of the label (which may be
+    # outside the top-k) must come as a per-token value, so the cache has to store it.
+    requires = frozenset({Need.VOCAB_LOGPS, Need.TOKEN_LOGPS})
     paper = "Zhang et al., Risk-aware Direct Preference Optimization under Nested Risk Measure, NeurIPS 2025"
     arxiv = "2505.20359"
+
+    @property
+    def accepts_topk_reference(self) -> bool:
+        """``cvar_official`` ranks every vocabulary entry; the other risks work on the top-k + rest."""
+        return self.config.risk != "cvar_official"
 
     def forward(self, batch: PairBatch) -> LossOutput:
         cfg = self.config

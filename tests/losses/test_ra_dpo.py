@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from dpo_zoo.losses import LossConfigError, LossInputError, build_loss, compute_loss
+from dpo_zoo.losses import LossConfigError, LossInputError, Need, PairBatch, build_loss, check_inputs, compute_loss
 from dpo_zoo.losses.ra_dpo import cvar_lower, cvar_official, entropic_risk, kl_divergence, linear_quantile
 
 LN2 = math.log(2.0)
@@ -456,6 +456,22 @@ def test_topk_coarsening_lowers_kl_and_entropic_risk():
                 assert (coarse.metrics[f"ra/risk_{side}"] <= full.metrics[f"ra/risk_{side}"] + 1e-12).all()
 
 
+def test_declared_needs_for_the_cache():
+    """The cache stores the top-k, which serves every risk but the official CVaR; the reference's label
+    log-probs must come per token (the label may be outside the top-k), so TOKEN_LOGPS is required."""
+    assert {Need.VOCAB_LOGPS, Need.TOKEN_LOGPS} <= build_loss("ra_dpo").requires
+    for name in ("ra_dpo", "ra_dpo2", "ra_dpo_erm", "tdpo", "tdpo2"):
+        assert build_loss(name).accepts_topk_reference, name
+    assert not build_loss("ra_dpo_official").accepts_topk_reference
+    tensors = vocab_batch(B=2, T=5, V=9, seed=19)
+    check_inputs(build_loss("ra_dpo"), PairBatch(**tensors))  # full reference: everything derivable
+    cached = topk_of(tensors, K=3)
+    check_inputs(build_loss("ra_dpo"), PairBatch(**cached))
+    del cached["reference_rejected_token_logps"]
+    with pytest.raises(LossInputError, match="reference_rejected_token_logps"):
+        check_inputs(build_loss("ra_dpo"), PairBatch(**cached))
+
+
 def test_full_reference_is_preferred_when_both_are_given():
     tensors = vocab_batch(B=2, T=5, V=9, seed=13)
     full, _ = run("ra_dpo", tensors)
@@ -479,7 +495,7 @@ def test_topk_input_errors():
     bad = dict(tensors)
     bad["reference_rejected_vocab_logps"] = tensors["reference_rejected_vocab_logps"][..., :8]
     with pytest.raises(LossInputError, match="reference_rejected_vocab_logps"):
-        compute_loss("ra_dpo", **bad)
+        build_loss("ra_dpo")(PairBatch(**bad))
 
 
 # ====================================================================== numerics and dtypes
