@@ -90,13 +90,18 @@ def loss_rows(summary: Dict[str, Any]) -> List[List[str]]:
 
 
 def skipped_reasons(summary: Dict[str, Any]) -> List[str]:
-    """One line per (subject, loss) that could not be scored, with the reason."""
-    lines = []
+    """The losses that could not be scored: one line per distinct reason, naming the losses and the
+    subjects it applies to (the usual case, "no top-k in the cache", is one line, not one per loss)."""
+    by_reason: Dict[str, Dict[str, List[str]]] = {}
     for subject, values in summary["heldout_losses"].items():
         for name, cell in sorted(values.items()):
             if cell.get("value") is None and cell.get("skipped"):
-                lines.append(f"{subject} / {name}: {cell['skipped']}")
-    return lines
+                group = by_reason.setdefault(cell["skipped"], {"losses": [], "subjects": []})
+                if name not in group["losses"]:
+                    group["losses"].append(name)
+                if subject not in group["subjects"]:
+                    group["subjects"].append(subject)
+    return [f"{', '.join(g['losses'])} ({', '.join(g['subjects'])}): {reason}" for reason, g in by_reason.items()]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

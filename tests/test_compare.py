@@ -1,0 +1,387 @@
+"""`dpo-zoo compare`: KL estimators against exact enumeration, prepared data → training → report, one
+forward pass for every loss, live reference when the cache lacks what a loss needs, tokenizer checks.
+
+Unit tests use the tiny random Llama of conftest; the real SmolLM2 run is `slow`.
+"""
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_zoo.cli import main as cli_main
+from dpo_zoo.compare import (
+    CompareError,
+    kl_samples,
+    run_compare,
+    sequence_kl_terms,
+)
+from dpo_zoo.config import load_config
+from dpo_zoo.errors import CacheError
+from dpo_zoo.logps import completion_logps
+from dpo_zoo.losses import LossConfigError, registered_losses
+
+
+def override_value(overrides, key):
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
+
+
+# ==================================================================== KL estimators
+
+
+def test_sequence_kl_terms_by_hand():
+    """One position, vocabulary {a, b}. Policy p = (½, ½), reference q = (¼, ¾), sampled token a:
+    MC = log(½ / ¼) = ln 2;  RB = ½ ln(½/¼) + ½ ln(½/¾) = ½ ln 2 + ½ ln(2/3) = ½ ln(4/3);  H(p) = ln 2.
+    Second row: p = (1, 0) (log 0 = −inf), q = (½, ½), token a: MC = RB = ln 2, H = 0, no NaN from 0·log 0.
+    A masked (padding) position adds nothing."""
+    log = math.log
+    policy = torch.tensor([[[log(0.5), log(0.5)], [log(0.5), log(0.5)]],
+                           [[0.0, -math.inf], [0.0, -math.inf]]], dtype=torch.float64)
+    reference = torch.tensor([[[log(0.25), log(0.75)], [log(0.9), log(0.1)]],
+                              [[log(0.5), log(0.5)], [log(0.5), log(0.5)]]], dtype=torch.float64)
+    labels = torch.tensor([[0, 1], [0, 0]])
+    mask = torch.tensor([[1, 0], [1, 0]])
+    terms = sequence_kl_terms(policy, reference, labels, mask)
+    assert terms["mc"].tolist() == pytest.approx([log(2), log(2)])
+    assert terms["rb"].tolist() == pytest.approx([0.5 * log(4 / 3), log(2)])
+    assert terms["entropy"].tolist() == pytest.approx([log(2), 0.0])
+    assert terms["tokens"].tolist() == [1.0, 1.0]
+
+
+EOS, VOCAB, PAD = 4, 5, 0
+
+
+def toy_llama(seed):
+    """A 1-layer Llama over a 5-token vocabulary (token 4 = EOS), large random weights so that the
+    next-token distributions are far from uniform and two seeds are far apart (KL of a few nats)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         initializer_range=0.7, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def all_completions(max_new_tokens=3):
+    """Every completion the sampler can produce: ends at EOS, or after 3 tokens: 1 + 4 + 16·5 = 85."""
+    out = []
+    for length in range(1, max_new_tokens + 1):
+        for body in __import__("itertools").product(range(VOCAB - 1), repeat=length - 1):
+            out.append(list(body) + [EOS])
+    out += [list(body) + [last] for body in __import__("itertools").product(range(VOCAB - 1), repeat=max_new_tokens - 1)
+            for last in range(VOCAB - 1)]
+    return out
+
+
+def exact_kl(policy, reference, prompt):
+    """KL(p ‖ q) = Σ_y p(y) log p(y)/q(y) over all 85 completions, and the exact variances of the
+    per-sample MC and RB values, Var = Σ_y p(y) (value(y) − KL)²."""
+    completions = all_completions()
+    sequences = [prompt + c for c in completions]
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), PAD)
+    attention = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+    starts = torch.full((len(sequences),), len(prompt))
+    with torch.no_grad():
+        mine = completion_logps(policy, ids, attention, starts, vocab=True)
+        theirs = completion_logps(reference, ids, attention, starts, vocab=True)
+    terms = sequence_kl_terms(mine.vocab_logps.double(), theirs.vocab_logps.double(), mine.labels, mine.mask)
+    p = mine.sums().double().exp()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)  # the 85 completions are the whole space
+    kl = (p * terms["mc"]).sum().item()
+    # Rao–Blackwell: the RB value is the conditional expectation of the MC value, same mean.
+    assert (p * terms["rb"]).sum().item() == pytest.approx(kl, rel=1e-5)
+    return {"kl": kl, "var_mc": (p * (terms["mc"] - kl) ** 2).sum().item(),
+            "var_rb": (p * (terms["rb"] - kl) ** 2).sum().item()}
+
+
+def test_mc_and_rao_blackwell_kl_agree_with_exact_kl_and_rb_has_lower_variance():
+    """Two prompts of different lengths (so the sampler's left padding is exercised), 3000 samples each.
+
+    Exact (enumeration): KL ≈ 2.04 and 3.57 nats; per-sample variance MC ≈ 8.9 / 11.0, RB ≈ 0.26 / 1.04.
+    Over the 6000 samples the standard errors are ≈ 0.042 (MC) and ≈ 0.014 (RB), so a 4-σ band is a
+    sound test of unbiasedness (a false failure has probability ≈ 6e-5 per estimator); the sample
+    variances of the 6000 values (mixtures over the two prompts) must be within 10% of the exact ones
+    (relative standard error of a sample variance here ≈ 3%), and RB's below MC's, as proved."""
+    policy, reference = toy_llama(0), toy_llama(1)
+    prompts = [[1], [2, 3, 1]]
+    exact = [exact_kl(policy, reference, prompt) for prompt in prompts]
+    for e in exact:
+        assert e["var_rb"] <= e["var_mc"]
+    samples = kl_samples(policy, reference, prompts, n_samples=3000, max_new_tokens=3, eos_token_id=EOS,
+                         pad_token_id=PAD, batch_size=6000, seed=0, device=torch.device("cpu"), progress=False)
+    for completion in samples["completions"]:
+        assert 1 <= len(completion) <= 3
+        assert EOS not in completion[:-1]  # sampling stops at EOS
+    n = len(samples["mc"])
+    assert n == 6000
+    true_kl = np.mean([e["kl"] for e in exact])
+    # Mixture variance over the two equally weighted prompts: mean of (within variance + squared offset).
+    true_var = {name: np.mean([e[f"var_{name}"] + (e["kl"] - true_kl) ** 2 for e in exact]) for name in ("mc", "rb")}
+    for name in ("mc", "rb"):
+        values = samples[name]
+        stderr = values.std(ddof=1) / math.sqrt(n)
+        assert abs(values.mean() - true_kl) < 4 * stderr, (name, values.mean(), true_kl, stderr)
+        assert values.var(ddof=1) == pytest.approx(true_var[name], rel=0.10)
+    assert samples["rb"].var(ddof=1) < samples["mc"].var(ddof=1) / 4  # ≈ 8.5× smaller here
+    assert samples["rb"].min() >= 0  # a sum of KLs is never negative; MC values often are
+    assert samples["mc"].min() < 0
+
+
+def test_sampling_is_seeded():
+    policy = toy_llama(0)
+    kwargs = dict(n_samples=4, max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD, batch_size=8,
+                  device=torch.device("cpu"), progress=False)
+    first = kl_samples(policy, policy, [[1], [2, 3]], seed=7, **kwargs)
+    again = kl_samples(policy, policy, [[1], [2, 3]], seed=7, **kwargs)
+    assert first["completions"] == again["completions"]
+    assert np.allclose(first["rb"], 0.0) and np.allclose(first["mc"], 0.0)  # a model against itself
+
+
+# ==================================================================== prepared data → runs → report
+
+GOOD = ["good", "great", "nice", "happy", "love", "thank"]
+BAD = ["bad", "awful", "hate", "sad", "angry", "never"]
+PROMPTS = ["Tell me about your day.", "How was the movie?", "What do you think of it?", "Describe the food."]
+
+
+def synthetic_rows(n, seed):
+    """Pairs with an easily learned signal: chosen completions use only GOOD words, rejected only BAD."""
+    rng = random.Random(seed)
+    return [{"id": f"s{seed}-{i}", "prompt": rng.choice(PROMPTS) + "\n",
+             "chosen": " ".join(rng.choice(GOOD) for _ in range(rng.randint(3, 6))),
+             "rejected": " ".join(rng.choice(BAD) for _ in range(rng.randint(3, 6)))} for i in range(n)]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def synthetic_overrides(model_dir, root, train_file, prep_dir, *extra):
+    return [
+        f"model.name_or_path={model_dir}", "data.preprocessor=generic", f"data.train_path={train_file}",
+        f"data.heldout_path={root / 'heldout.jsonl'}", f"prep.output_dir={prep_dir}", "prep.max_length=64",
+        "prep.max_prompt_length=24", "prep.progress=false", "train.progress=false", "compare.progress=false",
+        "train.micro_batch_size=8", "train.max_steps=10", "train.learning_rate=5e-3", "train.lr_schedule=constant",
+        "compare.kl_prompts=4", "compare.kl_samples=2", "compare.kl_max_new_tokens=8", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory, tiny_model_dir):
+    """96 training pairs, 24 held-out pairs, prepared without top-k; a run trained on them (full
+    fine-tuning) and a run trained on the same pairs with chosen and rejected swapped (LoRA)."""
+    from dpo_zoo.prep import run_prep
+    from dpo_zoo.trainer import train
+
+    root = tmp_path_factory.mktemp("synthetic")
+    train_rows = synthetic_rows(96, seed=1)
+    write_jsonl(root / "train.jsonl", train_rows)
+    write_jsonl(root / "heldout.jsonl", synthetic_rows(24, seed=2))
+    write_jsonl(root / "flipped.jsonl", [dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in train_rows])
+    normal = synthetic_overrides(tiny_model_dir, root, root / "train.jsonl", root / "prep_normal")
+    flipped = synthetic_overrides(tiny_model_dir, root, root / "flipped.jsonl", root / "prep_flipped")
+    run_prep(load_config([], normal))
+    run_prep(load_config([], flipped))
+    train(load_config([], normal + [f"train.output_dir={root / 'runs' / 'normal'}"]))
+    train(load_config([], flipped + [f"train.output_dir={root / 'runs' / 'flipped'}", "train.lora.enabled=true"]))
+    return {"root": root, "overrides": normal, "heldout": root / "prep_normal" / "heldout",
+            "normal": root / "runs" / "normal", "flipped": root / "runs" / "flipped"}
+
+
+def test_compare_normal_and_flipped_runs_end_to_end(synthetic, tmp_path, capsys):
+    out = tmp_path / "report"
+    summary = run_compare(load_config([], synthetic["overrides"]),
+                          runs=[str(synthetic["normal"]), str(synthetic["flipped"])],
+                          data=str(synthetic["heldout"]), output_dir=str(out))
+    entries = {e["label"]: e for e in summary["entries"]}
+    assert list(entries) == ["normal", "flipped"]
+    assert entries["normal"]["metrics"]["rewards/accuracies"] > 0.5
+    assert entries["flipped"]["metrics"]["rewards/accuracies"] < 0.5
+    assert entries["flipped"]["lora"] is True and entries["normal"]["lora"] is False
+    assert all(e["reference"] == "cache" for e in entries.values())
+
+    # Same pass, same loss, same reduction as the trainer's final evaluation on this held-out set.
+    for label, entry in entries.items():
+        trained = json.loads((synthetic[label] / "run.json").read_text())["metrics"]
+        assert entry["metrics"]["loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+        assert entry["metrics"]["rewards/accuracies"] == pytest.approx(trained["eval_rewards/accuracies"])
+        kl = entry["kl"]
+        assert kl["n_samples"] == 8 and kl["rb"] > 0 and math.isfinite(kl["mc"]) and kl["entropy_per_token"] > 0
+
+    # Every registered loss has a held-out value, or a reason: no top-k in this cache.
+    for label in ("normal", "flipped"):
+        cells = summary["heldout_losses"][label]
+        assert set(cells) == set(registered_losses())
+        assert cells["dpo"]["value"] == pytest.approx(entries[label]["metrics"]["loss"])
+        assert cells["ra_dpo"]["value"] is None and "prep.topk" in cells["ra_dpo"]["skipped"]
+        assert cells["sampo"]["value"] is not None and cells["tie_dpo"]["value"] is not None
+
+    for name in ("summary.md", "summary.json", "pairs.csv", "pairs.parquet", "report.html"):
+        assert (out / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "| entry | loss | ref | acc |" in printed and printed.count("\n| normal | dpo | cache |") == 1
+    assert (out / "summary.md").read_text() in printed
+    assert json.loads((out / "summary.json").read_text())["entries"][0]["label"] == "normal"
+
+    import pandas as pd
+
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    assert len(pairs) == 2 * 24 and len(pd.read_csv(out / "pairs.csv")) == 2 * 24
+    # The margin is the loss's own: for DPO β·[(log π − log π_ref)(y_w) − (log π − log π_ref)(y_l)].
+    h = (pairs.policy_chosen_logps - pairs.reference_chosen_logps) - (pairs.policy_rejected_logps - pairs.reference_rejected_logps)
+    assert np.allclose(pairs.margin, 0.1 * h, atol=1e-5)
+    assert np.allclose(pairs["loss/dpo"], np.logaddexp(0, -0.1 * h), atol=1e-5)  # −log σ(βh)
+    assert (pairs.length_diff == pairs.chosen_len - pairs.rejected_len).all()
+
+    page = (out / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 4  # margins, length, KL vs accuracy, calibration
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_live_reference_when_the_cache_lacks_what_the_loss_needs(synthetic, tmp_path):
+    """ra_dpo needs the reference's vocabulary distribution; the synthetic set has no top-k, so
+    compare runs the reference live from the run's base model, says so, and can then score even
+    ra_dpo_official (which needs the whole reference vocabulary, not a top-k)."""
+    from dpo_zoo.trainer import train
+
+    run_dir = tmp_path / "ra"
+    train(load_config([], synthetic["overrides"] + [f"train.output_dir={run_dir}", "loss=ra_dpo",
+                                                     "train.max_steps=1", "train.lora.enabled=true"]))
+    summary = run_compare(load_config([], synthetic["overrides"]), runs=[str(run_dir)], data=str(synthetic["heldout"]),
+                          output_dir=str(tmp_path / "report"))
+    entry = summary["entries"][0]
+    assert entry["loss"] == "ra_dpo" and entry["reference"] == "live"
+    assert any("reference run live" in note and "vocab_logps" in note for note in summary["notes"])
+    cells = summary["heldout_losses"]["ra"]
+    assert all(cell["value"] is not None for cell in cells.values()), cells
+    assert math.isfinite(entry["metrics"]["rewards/accuracies"])
+
+
+def test_losses_all_from_one_forward_pass(tiny_prepared, tiny_model_dir, tmp_path):
+    """One model folder under every registered loss: the policy runs once per batch, nothing else runs
+    (reference from the cache, no sampling), and ra_dpo_official — which needs the whole reference
+    vocabulary, not the cached top-k — is reported as not scored."""
+    from transformers import GenerationMixin
+
+    heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
+    cfg = load_config([], list(tiny_prepared) + ["compare.kl_samples=0", "compare.batch_size=4"])
+    calls = []
+
+    def count(module, args, kwargs, output):
+        if isinstance(module, GenerationMixin):  # the causal LM itself, not its inner LlamaModel
+            calls.append(kwargs.get("input_ids", args[0] if args else None).shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
+    try:
+        summary = run_compare(cfg, runs=[str(tiny_model_dir)], data=str(heldout), losses="all",
+                              output_dir=str(tmp_path / "all"))
+    finally:
+        handle.remove()
+    n_pairs = summary["data"]["pairs"]
+    assert len(calls) == math.ceil(n_pairs / 4)  # one forward per batch of 4 pairs
+    assert sum(calls) == 2 * n_pairs  # each a [2B, L] block: chosen rows, then rejected rows
+    scored = {e["label"] for e in summary["entries"]}
+    assert scored == set(registered_losses()) - {"ra_dpo_official"}
+    assert any(note.startswith("ra_dpo_official: not scored") for note in summary["notes"])
+    assert all(e["kl"]["n_samples"] == 0 for e in summary["entries"])
+    # One pass: the policy log-probs behind every entry are the same numbers.
+    import pandas as pd
+
+    pairs = pd.read_parquet(tmp_path / "all" / "pairs.parquet")
+    spread = pairs.groupby("id")["policy_chosen_logps"].agg(lambda v: v.max() - v.min())
+    assert (spread == 0).all()
+
+    # The same through the command line, for a comma list.
+    rc = cli_main(["compare", str(tiny_model_dir), "--data", str(heldout), "--losses", "dpo,ipo",
+                   "--output", str(tmp_path / "two"), "--config", *tiny_prepared, "compare.kl_samples=0"])
+    assert rc == 0
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert [e["label"] for e in two["entries"]] == ["dpo", "ipo"]
+
+
+def test_tokenizer_mismatch_is_refused(tiny_prepared, tiny_model_dir, tmp_path, capsys):
+    heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
+    cfg = load_config([], list(tiny_prepared) + ["compare.kl_samples=0"])
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # another chat template
+    with pytest.raises(CompareError, match="different tokenizers") as err:
+        run_compare(cfg, runs=[str(other)], data=str(heldout), losses="dpo", output_dir=str(tmp_path / "r"))
+    assert "manifest.json" in str(err.value) and str(other) in str(err.value)
+
+    # A run folder: the tokenizer its training set was made with (run.json) must match too.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "final")
+    (run / "run.json").write_text(json.dumps({"loss": "dpo", "loss_hparams": {"beta": 0.1},
+                                              "base_model": str(tiny_model_dir), "lora": False,
+                                              "cache_key": {"tokenizer": "0" * 64}}))
+    with pytest.raises(CompareError, match=r"run.json `cache_key.tokenizer`"):
+        run_compare(cfg, runs=[str(run)], data=str(heldout), output_dir=str(tmp_path / "r"))
+    # The CLI prints it plainly and exits 2.
+    rc = cli_main(["compare", str(other), "--data", str(heldout), "--losses", "dpo", "--config", *tiny_prepared])
+    assert rc == 2 and "different tokenizers" in capsys.readouterr().err
+
+
+def test_clear_errors_for_bad_arguments(tiny_prepared, tiny_model_dir, tmp_path):
+    heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
+    cfg = load_config([], list(tiny_prepared) + ["compare.kl_samples=0"])
+    with pytest.raises(LossConfigError, match="unknown loss 'dpoo'"):
+        run_compare(cfg, runs=[str(tiny_model_dir)], data=str(heldout), losses="dpo,dpoo")
+    with pytest.raises(CacheError, match="no prepared set"):
+        run_compare(cfg, runs=[str(tiny_model_dir)], data=str(tmp_path / "nothing"), losses="dpo")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text(json.dumps({"loss": "dpo", "loss_hparams": {}, "base_model": str(tiny_model_dir)}))
+    with pytest.raises(CompareError, match="has no final/"):
+        run_compare(cfg, runs=[str(unfinished)], data=str(heldout))
+    with pytest.raises(CompareError, match="neither a run folder"):
+        run_compare(cfg, runs=[str(tmp_path)], data=str(heldout))
+    # The prep output folder itself is accepted as --data (its heldout/ is used).
+    summary = run_compare(cfg, runs=[str(tiny_model_dir)], data=str(heldout.parent), losses="dpo",
+                          output_dir=str(tmp_path / "ok"))
+    # The base model against the cache made from it: the policy is the reference, every margin is 0.
+    assert summary["entries"][0]["metrics"]["rewards/accuracies"] == 0.5
+    assert summary["entries"][0]["metrics"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+# ==================================================================== the real model
+
+
+@pytest.mark.slow
+def test_compare_lora_runs_of_smollm2_on_vader(tmp_path):
+    """SmolLM2-135M on a small VADER slice: two short LoRA runs (dpo, sampo), compared with sampling."""
+    from dpo_zoo.prep import run_prep
+    from dpo_zoo.trainer import train
+
+    overrides = [
+        "model.name_or_path=smollm2-135m-instruct", "data.preprocessor=vader", "data.max_train_pairs=32",
+        "data.max_heldout_pairs=16", f"prep.output_dir={tmp_path / 'prepared'}", "prep.max_length=128",
+        "prep.max_prompt_length=64", "prep.progress=false", "train.progress=false", "compare.progress=false",
+        "train.micro_batch_size=4", "train.max_steps=2", "train.learning_rate=1e-4", "train.lora.enabled=true",
+        "compare.kl_prompts=2", "compare.kl_samples=2", "compare.kl_max_new_tokens=8",
+    ]
+    run_prep(load_config([], overrides))
+    for loss in ("dpo", "sampo"):
+        train(load_config([], overrides + [f"loss={loss}", f"train.output_dir={tmp_path / loss}"]))
+    summary = run_compare(load_config([], overrides), runs=[str(tmp_path / "dpo"), str(tmp_path / "sampo")],
+                          data=str(tmp_path / "prepared" / "heldout"), output_dir=str(tmp_path / "report"))
+    assert [e["loss"] for e in summary["entries"]] == ["dpo", "sampo"]
+    for entry in summary["entries"]:
+        m = entry["metrics"]
+        assert 0 <= m["rewards/accuracies"] <= 1 and math.isfinite(m["calibration/ece"])
+        assert entry["kl"]["n_samples"] == 4 and entry["kl"]["rb"] >= 0
+    assert summary["data"]["ties"] == summary["entries"][0]["metrics"]["ties"]
+    assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
