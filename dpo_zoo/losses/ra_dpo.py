@@ -264,9 +264,6 @@ class RaDPOConfig:
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
 
 
-@register_loss("tdpo2", risk="kl", variant=2)
-@register_loss("tdpo1", risk="kl", variant=1)
-@register_loss("tdpo", risk="kl", variant=1)
 @register_loss("ra_dpo_erm", risk="erm", mu=5.0)
 @register_loss("ra_dpo_official", risk="cvar_official", split_vocab=True)
 @register_loss("ra_dpo2", variant=2)
@@ -301,11 +298,8 @@ class RaDPOLoss(Loss):
       risk aversion: μ → 0 is the KL, larger μ weighs the tokens the policy under-covers more. A
       third-party summary quotes μ ∈ {9, 7, 5}; ``ra_dpo_erm`` presets 5. The other sign convention
       ``−(1/μ) log E[e^{−μZ}]`` is not offered (it needs ``Σ π_ref^{1−μ} π_θ^μ``, unstable for μ ≥ 1).
-    * ``kl``: ``KL(π_ref(·|s_t) ‖ π_θ(·|s_t))``: TDPO1/TDPO2 exactly (registered as ``tdpo``,
-      ``tdpo1``, ``tdpo2``). ``tdpo`` is TDPO1, as the official TDPO repo's ``config/loss/tdpo.yaml``
-      (``if_tdpo2: false`` since commit f567175) and the TDPO config in the Ra-DPO repo; note that
-      ``tdpo_loss``'s own keyword default there is ``if_tdpo2=True``, and the TDPO paper's headline
-      method is TDPO2.
+    * ``kl``: ``KL(π_ref(·|s_t) ‖ π_θ(·|s_t))``: TDPO1/TDPO2 exactly, registered as ``tdpo`` (= TDPO1,
+      the official config's default), ``tdpo1`` and ``tdpo2`` through :class:`TDPOLoss`.
 
     Hyperparameters: ``beta`` = 0.1, ``alpha`` = 0.5, ``variant`` = 1, ``risk`` = ``cvar``, ``mu`` = 0.95,
     ``split_vocab`` = True, ``chunk_size`` = 64 (response positions per chunk: beyond its inputs and the
@@ -441,3 +435,29 @@ class RaDPOLoss(Loss):
     def _check_shape(who: str, name: str, tensor: torch.Tensor, shape: Tuple[int, ...]) -> None:
         if tuple(tensor.shape) != tuple(shape):
             raise LossInputError(f"{who}: `{name}` has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+
+
+@register_loss("tdpo2", risk="kl", variant=2)
+@register_loss("tdpo1", risk="kl", variant=1)
+@register_loss("tdpo", risk="kl", variant=1)
+class TDPOLoss(RaDPOLoss):
+    """TDPO: token-level DPO, Ra-DPO with the risk measure replaced by the expectation (``risk="kl"``).
+
+    ``D(y) = Σ_t KL(π_ref(·|s_t) ‖ π_θ(·|s_t))`` (D_SeqKL) and, as in :class:`RaDPOLoss`::
+
+        TDPO1: L = −log σ(β[(ℓ_w − ℓ_l) − (D_l − D_w)])
+        TDPO2: L = −log σ(β[(ℓ_w − ℓ_l) − α (D_l − sg(D_w))])
+        rewards r(y) = β (ℓ(y) + D(y))  (detached, as the official ``tdpo_loss``)
+
+    ``tdpo`` is TDPO1, the default of the official ``config/loss/tdpo.yaml`` (``if_tdpo2: false`` since
+    commit f567175, Jul 2024; the Ra-DPO repo's TDPO config agrees). The official ``tdpo_loss`` keyword
+    default is ``if_tdpo2=True`` and the paper's headline method is TDPO2 (``tdpo2``); its README
+    recommends TDPO1 at low learning rates and TDPO2 at higher ones. Hyperparameters: ``beta`` = 0.1,
+    ``alpha`` = 0.5 (TDPO2 only), ``chunk_size`` = 64; inputs as :class:`RaDPOLoss`.
+
+    Paper: Zeng, Liu, Ma, Yang, Zhang, Wang, *Token-level Direct Preference Optimization*, ICML 2024,
+    arXiv:2404.11999 (code: Vance0124/Token-level-Direct-Preference-Optimization, ``trainers.py``).
+    """
+
+    paper = "Zeng et al., Token-level Direct Preference Optimization, ICML 2024"
+    arxiv = "2404.11999"
