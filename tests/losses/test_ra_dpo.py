@@ -161,6 +161,8 @@ def test_registered_names_and_presets():
         config = build_loss(name).config
         for key, value in values.items():
             assert getattr(config, key) == value, (name, key)
+    assert build_loss("ra_dpo").arxiv == "2505.20359"
+    assert build_loss("tdpo").arxiv == "2404.11999"
 
 
 @pytest.mark.parametrize(
