@@ -303,16 +303,17 @@ class RaDPOLoss(Loss):
 
     Hyperparameters: ``beta`` = 0.1, ``alpha`` = 0.5, ``variant`` = 1, ``risk`` = ``cvar``, ``mu`` = 0.95,
     ``split_vocab`` = True, ``chunk_size`` = 64 (response positions per chunk: beyond its inputs and the
-    policy gradient, the loss holds one chunk's work, ≈ 30 bytes × ``chunk_size`` × V for the CVaRs
-    (measured, fp32), whatever B·T is: ≈ 300 MB at V = 152k; lower it for very large vocabularies).
+    policy gradient, the loss holds one chunk's work, ≈ 35 bytes × ``chunk_size`` × V for the CVaRs
+    (measured, fp32), whatever B·T is: ≈ 340 MB at V = 152k; lower it for very large vocabularies).
 
     Inputs: ``policy_<side>_vocab_logps`` ``[B,T,V]`` (log-probs; pass ``log_softmax`` output, never
     ``softmax().log()``), ``<side>_labels``, ``<side>_mask``; the reference as
     ``reference_<side>_vocab_logps`` ``[B,T,V]`` or its top-k (``reference_<side>_topk_logps``,
     ``reference_<side>_topk_ids`` ``[B,T,K]``, optionally ``reference_<side>_rest_logmass`` ``[B,T]``
     = log(1 − Σ_topk π_ref), derived when absent) plus the reference's label log-probs
-    (``reference_<side>_token_logps`` or summed ``reference_<side>_logps``; the label may be outside the
-    top-k). The policy's label log-probs are always gathered from its vocabulary log-probs.
+    ``reference_<side>_token_logps`` (the label may be outside the top-k; with the full reference they
+    are gathered from it). The policy's label log-probs are always gathered from its vocabulary
+    log-probs, so that they and the risk terms come from the same tensor.
 
     **Top-k reference (an approximation).** Each position's distribution is coarsened to K+1 atoms: the
     K tokens, and one "rest" atom with the reference's rest mass and the policy's exact mass of the
@@ -421,14 +422,11 @@ class RaDPOLoss(Loss):
     @staticmethod
     def _reference_sum(batch: PairBatch, side: str, mask: torch.Tensor, dtype: torch.dtype, who: str) -> torch.Tensor:
         """``log π_ref(y|x)`` ``[B]``: per-token values (given, or gathered from the full reference) summed
-        here in the compute dtype (a bf16 sum would lose ~3 significant digits), else the given sum."""
+        here in the compute dtype (a bf16 sum would lose ~3 significant digits)."""
         try:
             tokens = upcast(batch.token_logps("reference", side)).to(dtype)
         except LossInputError as err:
-            summed = getattr(batch, f"reference_{side}_logps")
-            if summed is None:
-                raise LossInputError(f"{who}: the reference's label log-probs are needed too: {err}") from None
-            return upcast(summed).to(dtype)
+            raise LossInputError(f"{who}: the reference's label log-probs are needed too: {err}") from None
         return torch.where(mask, tokens, torch.zeros((), dtype=dtype, device=tokens.device)).sum(-1)
 
     @staticmethod
