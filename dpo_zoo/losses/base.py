@@ -171,10 +171,16 @@ class PairBatch:
         vocab = getattr(self, f"{model}_{side}_vocab_logps")
         labels = getattr(self, f"{side}_labels")
         if vocab is not None and labels is not None:
-            mask = self.mask(side)
+            mask = self.mask(side).bool()
+            if bool((((labels < 0) | (labels >= vocab.shape[-1])) & mask).any()):
+                raise LossInputError(
+                    f"`{side}_labels` holds token ids outside [0, {vocab.shape[-1]}) (the vocabulary of "
+                    f"`{model}_{side}_vocab_logps`) on response positions"
+                )
             # Labels at padding may be -100 (the HF convention); any index is fine there, it is masked.
-            safe = labels.clamp(min=0).unsqueeze(-1)
-            return vocab.gather(-1, safe).squeeze(-1) * mask.to(vocab.dtype)
+            safe = torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)
+            picked = vocab.gather(-1, safe).squeeze(-1)
+            return torch.where(mask, picked, torch.zeros_like(picked))
         raise LossInputError(
             f"needs `{model}_{side}_token_logps` (or `{model}_{side}_vocab_logps` with `{side}_labels`), "
             "which was not given"
@@ -199,7 +205,10 @@ class PairBatch:
                 f"needs `{model}_{side}_logps` (or per-token values to sum: "
                 f"`{model}_{side}_token_logps` with `{side}_mask`), which was not given"
             ) from None
-        return (tokens * mask.to(tokens.dtype)).sum(-1)
+        # Sum in at least fp32 (bf16 sums of hundreds of tokens lose whole nats), and select rather
+        # than multiply so a -inf at a padding position cannot turn into NaN.
+        tokens = upcast(tokens)
+        return torch.where(mask.bool(), tokens, torch.zeros_like(tokens)).sum(-1)
 
     def log_ratios(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``ℓ_θ(y_w), ℓ_θ(y_l)`` with ``ℓ_θ(y) = log π_θ(y|x) − log π_ref(y|x)`` (spec §0), in at least fp32."""
