@@ -267,6 +267,8 @@ class Loss:
     optional: ClassVar[frozenset] = frozenset()
     paper: ClassVar[str] = ""
     arxiv: ClassVar[str] = ""
+    # Where the implementation follows the paper rather than the official code (for docs/losses.md).
+    implementation_notes: ClassVar[str] = ""
 
     name: str = ""  # the registered name this instance was built under
 

@@ -61,6 +61,9 @@ class DPOLoss(Loss):
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Rafailov et al., Direct Preference Optimization, NeurIPS 2023"
     arxiv = "2305.18290"
+    implementation_notes = (
+        'Eq. 7 on summed log-probs, as the official repo; cDPO through label_smoothing.'
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         beta, eps = self.config.beta, self.config.label_smoothing
@@ -96,6 +99,9 @@ class IPOLoss(Loss):
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Azar et al., A General Theoretical Paradigm to Understand Learning from Human Preferences, AISTATS 2024"
     arxiv = "2310.12036"
+    implementation_notes = (
+        "Summed log-probs (DPO and IS-DAA repos), not TRL's per-token average."
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         beta = self.config.beta
@@ -117,6 +123,9 @@ class HingeLoss(Loss):
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Zhao et al., SLiC-HF: Sequence Likelihood Calibration with Human Feedback, 2023"
     arxiv = "2305.10425"
+    implementation_notes = (
+        'Summed log-probs; margin 1/β in log-ratio units.'
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         beta = self.config.beta

@@ -133,6 +133,10 @@ class FDPOLoss(Loss):
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Wang et al., Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints, ICLR 2024"
     arxiv = "2309.16240"
+    implementation_notes = (
+        "Paper α convention (TRL ≥ 0.29 uses α_TRL = 1 − α); rewards β(f'(u) − f'(1)) where the"
+        ' official code drops constants; exponent capped at exp_cap with a linear continuation.'
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         cfg = self.config

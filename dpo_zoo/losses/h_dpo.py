@@ -61,6 +61,10 @@ class HDPOLoss(Loss):
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Omura, Fujita, Kataoka, Entropy Controllable Direct Preference Optimization, 2024"
     arxiv = "2411.07595"
+    implementation_notes = (
+        'α on the policy log-probs, re-derived from the abstract [UNVERIFIED]; no official code'
+        ' found.'
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         beta, alpha = self.config.beta, self.config.alpha

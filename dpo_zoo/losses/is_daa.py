@@ -98,6 +98,10 @@ class ISDAALoss(Loss):
     optional = frozenset({Need.BEHAVIOR_LOGPS})
     paper = "Nguyen et al., Mitigating Reward Over-optimization in Direct Alignment Algorithms with Importance Sampling, NeurIPS 2025"
     arxiv = "2506.08681"
+    implementation_notes = (
+        'Default base is DPO (IS-DPO); the released script trains the IPO base (registered as '
+        'is_ipo). Clip given as clip_max (C) or the official eps (C = e^{2ε}).'
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         cfg = self.config

@@ -339,6 +339,12 @@ class RaDPOLoss(Loss):
     requires = frozenset({Need.VOCAB_LOGPS, Need.TOKEN_LOGPS})
     paper = "Zhang et al., Risk-aware Direct Preference Optimization under Nested Risk Measure, NeurIPS 2025"
     arxiv = "2505.20359"
+    implementation_notes = (
+        'Paper CVaR (Eq. 21: lower tail, probability-weighted, 1/μ) by default; the official '
+        "code's upper-tail per-half quantile is ra_dpo_official. log_softmax, not "
+        'softmax().log(). ERM experimental [UNVERIFIED]. A cached top-k reference is used as a '
+        'K+1-atom coarsening.'
+    )
 
     @property
     def accepts_topk_reference(self) -> bool:
@@ -459,3 +465,7 @@ class TDPOLoss(RaDPOLoss):
 
     paper = "Zeng et al., Token-level Direct Preference Optimization, ICML 2024"
     arxiv = "2404.11999"
+    implementation_notes = (
+        'Ra-DPO with the expectation as risk measure: sequential KL, exactly TDPO; tdpo = TDPO1'
+        ' as the official config (if_tdpo2: false).'
+    )

@@ -130,6 +130,10 @@ class SamPOLoss(Loss):
     requires = frozenset({Need.TOKEN_LOGPS, Need.GENERATOR})
     paper = "Lu et al., Eliminating Biased Length Reliance of Direct Preference Optimization via Down-Sampled KL Divergence, EMNLP 2024"
     arxiv = "2406.10957"
+    implementation_notes = (
+        'One token subset shared by policy and reference (Eq. 10); the official code draws them'
+        ' independently (sampo_official). Draws are seeded, also at evaluation.'
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         beta = self.config.beta
@@ -198,6 +202,9 @@ class DPOSANormLoss(Loss):
     requires = frozenset({Need.TOKEN_LOGPS})
     paper = SamPOLoss.paper
     arxiv = "2406.10957"
+    implementation_notes = (
+        'Eq. 9 averaging variant; survives only as commented-out code in the official repo.'
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         beta = self.config.beta

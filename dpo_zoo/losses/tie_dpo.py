@@ -116,6 +116,10 @@ class TieDPOLoss(Loss):
     requires = frozenset({Need.SEQUENCE_LOGPS, Need.TIES})
     paper = "Chen et al., On Extending Direct Preference Optimization to Accommodate Ties, NeurIPS 2025"
     arxiv = "2409.17431"
+    implementation_notes = (
+        'Likelihoods reconstructed from the paper text and the classical Rao–Kupper and '
+        "Davidson models (no official code); ties-as-wins is the paper's DPO(CP+TP) baseline."
+    )
 
     def forward(self, batch: PairBatch) -> LossOutput:
         cfg = self.config
