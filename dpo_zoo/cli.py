@@ -6,7 +6,7 @@
     dpo-zoo compare RUN [RUN ...] --data PREPARED [--losses all] [--output DIR]
 
 Also runnable as ``python -m dpo_zoo.cli`` (what the ``deepspeed`` launcher needs:
-``deepspeed --num_gpus 2 -m dpo_zoo.cli train CONFIG.yaml``).
+``deepspeed --num_gpus 2 --module dpo_zoo.cli train CONFIG.yaml``).
 """
 
 from __future__ import annotations

@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HOSTFILE="${HOSTFILE:-launch/hostfile}"
 [ -f "$HOSTFILE" ] || { echo "no hostfile at $HOSTFILE (see launch/hostfile.example)" >&2; exit 2; }
-exec deepspeed --hostfile "$HOSTFILE" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} -m dpo_zoo.cli train "$@"
+exec deepspeed --hostfile "$HOSTFILE" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --module dpo_zoo.cli train "$@"

@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_GPUS="${NUM_GPUS:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
-exec deepspeed --num_gpus "$NUM_GPUS" -m dpo_zoo.cli train "$@"
+exec deepspeed --num_gpus "$NUM_GPUS" --module dpo_zoo.cli train "$@"
