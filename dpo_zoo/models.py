@@ -365,6 +365,8 @@ def file_sha256(path: Union[str, Path], memo_root: Optional[Path] = None) -> str
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(memo_path.with_name(HASH_MEMO + ".lock")):
             memo = _read_memo(memo_path)  # others may have added entries meanwhile
+            # Forget files that are gone (temporary folders, replaced models) so the memo stays small.
+            memo = {name: entry for name, entry in memo.items() if os.path.exists(name)}
             memo[str(path)] = {**stamp, "sha256": sha}
             atomic_write_bytes(memo_path, (json.dumps(memo, indent=1, sort_keys=True) + "\n").encode())
     except OSError:

@@ -57,7 +57,7 @@ from .cache import (
 )
 from .errors import CacheError, DataError
 from .logps import completion_logps
-from .models import load_model, load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
+from .models import cache_root, load_model, load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
 
 SPLITS = ("train", "heldout")
 
@@ -315,7 +315,7 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
         reference_file = read_reference_file(cfg.prep.reference_logps_path)
         reference = {"source": "file", "reference_file": reference_file.sha256}
     else:
-        reference = {"source": "model", "model_weights": weights_fingerprint(model_path)}
+        reference = {"source": "model", "model_weights": weights_fingerprint(model_path, memo_root=cache_root(cfg.model))}
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     keys = {
         split: cache_key(cfg, split=split, pairs=getattr(splits, split), tokenizer=tokenizer,

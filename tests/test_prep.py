@@ -51,6 +51,7 @@ def write_data(path: Path, n: int = N_PAIRS, change_row: int = -1) -> Path:
 def workdir(tmp_path, tiny_model_dir, monkeypatch):
     """A working directory with data.jsonl, the tiny model and relative paths (they follow the cwd)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DPO_ZOO_CACHE", str(tmp_path / "cache"))  # hash memos of these throw-away models
     write_data(tmp_path / "data.jsonl")
     shutil.copytree(tiny_model_dir, tmp_path / "model")
     return tmp_path
