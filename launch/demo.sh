@@ -7,14 +7,17 @@
 # Every stage reuses what an earlier run made: a second run only re-prints the comparison.
 #
 #   bash launch/demo.sh [key=value ...]      # overrides go to every stage, e.g. train.max_steps=400
+# DPO_ZOO_SKIP_SETUP=1 PYTHON=/path/to/python bash launch/demo.sh   uses that Python instead of .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG="${CONFIG:-configs/experiments/demo.yaml}"
 LOSSES="${LOSSES:-dpo sampo tie_dpo}"
-export DS_ACCELERATOR="${DS_ACCELERATOR:-}"
-bash launch/setup_env.sh
-PY=.venv/bin/python
-[ -n "$DS_ACCELERATOR" ] || unset DS_ACCELERATOR
+if [ -n "${DPO_ZOO_SKIP_SETUP:-}" ]; then
+  PY="${PYTHON:-python3}"        # an environment you already have (the tests use this)
+else
+  bash launch/setup_env.sh
+  PY=.venv/bin/python
+fi
 
 started=$(date +%s)
 echo "== 1/3 prepare (reference cache) =="
