@@ -3,7 +3,9 @@
 * ``docs/losses.md``: the loss table (exactly what ``dpo-zoo losses`` prints) plus, per loss family,
   where the implementation follows the paper rather than the official code;
 * ``docs/papers.md``: the paper index, each paper mapped to its registered names and the preset
-  configs (``configs/loss/*.yaml``) that reproduce its or its official code's settings.
+  configs (``configs/loss/*.yaml``) that reproduce its or its official code's settings;
+* ``docs/metrics.md``: the glossary of training and comparison metrics;
+* ``docs/cache.md``: the prepared-set format, from ``dpo_zoo.cache``'s own documentation.
 
 ``tests/test_docs.py`` regenerates both and fails if the committed files differ, so the docs cannot
 drift from the code. ``--check`` does the same from the command line.
@@ -101,8 +103,80 @@ def papers_markdown() -> str:
     return "\n".join(lines)
 
 
+# Every metric the trainer logs and compare reports; tests check that each one logged is listed here.
+TRAINING_METRICS = {
+    "loss": "mean over pairs of weight × per-pair loss (the quantity minimised)",
+    "rewards/chosen": "mean implicit reward of the chosen responses, as the loss defines it (DPO: β ℓ_θ(y_w))",
+    "rewards/rejected": "mean implicit reward of the rejected responses",
+    "rewards/accuracies": "fraction of pairs with chosen reward > rejected reward",
+    "rewards/margins": "mean of chosen − rejected reward",
+    "rewards/ties": "fraction of tie pairs in the batch",
+    "logps/chosen": "mean summed policy log-prob of the chosen responses",
+    "logps/rejected": "mean summed policy log-prob of the rejected responses",
+    "logits/chosen": "mean policy logit over the chosen responses' tokens and the vocabulary",
+    "logits/rejected": "mean policy logit over the rejected responses' tokens and the vocabulary",
+    "len/chosen": "mean number of chosen response tokens",
+    "len/rejected": "mean number of rejected response tokens",
+    "grad_norm": "L2 norm of the gradient before clipping",
+    "learning_rate": "learning rate of the step",
+    "tokens_per_second": "input tokens (both responses, all ranks) per second of the step",
+    "loss/win_prob": "mean of the loss's predicted P(chosen ≻ rejected)",
+    "eval_<name>": "any of the above on the held-out set (whole set, at eval_every and at the end)",
+    "<family>/<name>": "a loss's own metrics (e.g. is/weight, tie/prob_tie, ra/risk_chosen, sampo/...): see its docstring",
+}
+COMPARE_METRICS = {
+    "pairs, ties": "held-out pairs scored, of which ties",
+    "rewards/accuracies": "preference accuracy on non-tie pairs: margin > 0 counts 1, margin = 0 counts ½",
+    "rewards/margins, rewards/margins_std": "mean and population std of the margin on non-tie pairs",
+    "rewards/chosen, rewards/rejected": "mean implicit rewards",
+    "ties/abs_margin": "on tie pairs, mean |margin| (0 is ideal)",
+    "ties/tie_prob": "on tie pairs, mean predicted tie probability (tie-aware losses)",
+    "calibration/ece": "expected calibration error of win_prob, 10 equal-width bins",
+    "calibration/brier": "Brier score of win_prob against soft labels where present, else hard labels",
+    "calibration/bins": "the reliability table behind the ECE",
+    "length/correlation": "Pearson correlation of margin with (chosen − rejected) length",
+    "length/acc_chosen_longer, length/acc_rejected_longer, length/acc_same_length": "accuracy split by which side is longer",
+    "logps/chosen_shift, logps/rejected_shift": "mean change of summed log-probs against the reference",
+    "loss": "the held-out value of the run's own loss",
+    "heldout_losses": "the held-out value of every registered loss at its defaults, from the same pass",
+    "kl: mc, mc_stderr": "Monte Carlo KL(policy ‖ reference) over sampled completions, with its standard error",
+    "kl: rb, rb_stderr": "Rao–Blackwellized KL (exact per-position KL along the sampled prefix), with its standard error",
+    "kl: entropy_per_token": "the policy's mean token entropy on its samples",
+}
+
+
+def metrics_markdown() -> str:
+    lines = ["# Metrics", "", GENERATED, "", "## Training (`logs.jsonl`, TensorBoard)", "",
+             "Names follow TRL's DPO trainer; new ones are namespaced.", "", "| name | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in TRAINING_METRICS.items()]
+    lines += ["", "## Comparison (`dpo-zoo compare`: summary.json, summary.md, report.html)", "",
+              "| name | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in COMPARE_METRICS.items()]
+    lines += ["", "The comparison metrics are also `evaluate` modules: `evaluate.load(\"dpo_zoo/metrics/<name>\")`",
+              "with `<name>` one of " + ", ".join(f"`{p.name}`" for p in sorted((REPO_ROOT / "dpo_zoo" / "metrics").iterdir())
+                                              if p.is_dir() and not p.name.startswith("_")) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def cache_markdown() -> str:
+    from . import cache
+    from data_prep import schema
+
+    lines = ["# The prepared set (reference cache)", "", GENERATED, "", cache.__doc__.strip(), "",
+             "## Columns", "", "| constant | column |", "|---|---|"]
+    lines += [f"| `{name}` | `{value}` |" for name, value in vars(schema).items()
+              if name.isupper() and isinstance(value, str) and name != "SCHEMA_VERSION"]
+    lines += ["", f"Schema version: {schema.SCHEMA_VERSION}."]
+    return "\n".join(lines) + "\n"
+
+
 def generated_docs() -> Dict[Path, str]:
-    return {DOCS / "losses.md": losses_markdown(), DOCS / "papers.md": papers_markdown()}
+    return {
+        DOCS / "losses.md": losses_markdown(),
+        DOCS / "papers.md": papers_markdown(),
+        DOCS / "metrics.md": metrics_markdown(),
+        DOCS / "cache.md": cache_markdown(),
+    }
 
 
 def main(argv=None) -> int:

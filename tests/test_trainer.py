@@ -67,6 +67,15 @@ def test_every_registered_loss_trains_every_parameter(name, tiny_prepared, tiny_
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "learning_rate"):
         assert key in steps[0], key
     assert any(k.startswith("eval_") for r in records for k in r)
+    # Every logged metric is in the glossary (docs/metrics.md), or is one of the loss's own, namespaced.
+    from dpo_zoo.docs import TRAINING_METRICS
+
+    shared_prefixes = ("rewards/", "logps/", "logits/", "len/")
+    for record in steps:
+        for key in record:
+            if key in ("step",) or key in TRAINING_METRICS:
+                continue
+            assert "/" in key and not key.startswith(shared_prefixes), f"{name}: undocumented metric {key}"
     run = json.loads((tmp_path / name / "run.json").read_text())
     assert run["loss"] == name and run["cache_key"]["tokenizer"]
 
