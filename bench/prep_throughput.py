@@ -11,13 +11,14 @@ What is timed, on the same tokenized pairs, cut into the same shards and length-
   writing the shard and its sidecar atomically (fsync'd), and finally the manifest with the full
   coverage check.
 
-Tokens are input tokens (prompt + completion, both sides, no padding). Each measurement is repeated
-(``--repeats``, alternating the two) and the fastest run of each is reported. Two clocks are read:
-wall time, and the CPU time of this process (all its threads). On a machine shared with other work
-the wall clock mostly measures the neighbours, while the CPU time is what this process itself spent,
-so the ratio of CPU times is the steadier comparison there; on a quiet machine the two agree. Data
-loading and tokenization are the same for both and are reported separately. Cache size is the total
-bytes of the shards divided by the input tokens.
+Tokens are input tokens (prompt + completion, both sides, no padding). The two are interleaved shard
+by shard (bare forward of shard 0, prep of shard 0, prep of shard 1, bare forward of shard 1, ...;
+the order alternates so neither always runs on a warm cache), so a neighbour's load on a shared
+machine falls on both alike, and the whole is repeated ``--repeats`` times; totals over all repeats
+are reported. Two clocks are read: wall time, and the CPU time of this process (all its threads),
+which on a busy machine is the steadier of the two. Data loading and tokenization are the same for
+both and are reported separately. Cache size is the total bytes of the shards divided by the input
+tokens.
 """
 
 from __future__ import annotations
@@ -89,40 +90,52 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     layout = Layout(topk=args.topk)
 
-    def bare_forward():
+    shard_batches = [plan_batches(shard, args.batch_size, tokenizer.pad_token_id) for shard in shards]
+
+    def clocked(work):
         begin, cpu = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        work()
         return time.perf_counter() - begin, time.process_time() - cpu
 
-    def prep(directory: Path):
-        begin, cpu = time.perf_counter(), time.process_time()
-        writer = PreparedSetWriter(directory, {"bench": True}, plan_shards([r.pair.id for r in rows], args.shard_size), layout)
-        writer.prepare_directory()
-        for index, shard in enumerate(shards):
-            references = reference_pass(model, shard, batch_size=args.batch_size, topk=args.topk,
-                                        pad_id=tokenizer.pad_token_id, device=device)
-            writer.write(index, build_shard_table(shard, references, layout), shard_token_counts(shard))
-        writer.finalize(split="bench")
-        return time.perf_counter() - begin, time.process_time() - cpu
+    def bare_forward(index: int):
+        with torch.inference_mode():
+            for batch in shard_batches[index]:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+    def prep_shard(writer, index: int):
+        references = reference_pass(model, shards[index], batch_size=args.batch_size, topk=args.topk,
+                                    pad_id=tokenizer.pad_token_id, device=device)
+        writer.write(index, build_shard_table(shards[index], references, layout), shard_token_counts(shards[index]))
 
     # Warm-up: the first forward of a process allocates and picks kernels.
     with torch.inference_mode():
         model(input_ids=batches[-1].input_ids, attention_mask=batches[-1].attention_mask, use_cache=False)
 
-    bare_times, prep_times, cache_bytes = [], [], 0
+    totals = {"bare": [0.0, 0.0], "prep": [0.0, 0.0]}
+    runs, cache_bytes = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            bare_times.append(bare_forward())
             target = Path(tmp) / f"run{repeat}"
-            prep_times.append(prep(target))
+            writer = PreparedSetWriter(target, {"bench": True}, plan_shards([r.pair.id for r in rows], args.shard_size), layout)
+            run = {"bare": [0.0, 0.0], "prep": [0.0, 0.0]}
+            prepare = clocked(writer.prepare_directory)
+            run["prep"] = [run["prep"][0] + prepare[0], run["prep"][1] + prepare[1]]
+            for index in range(len(shards)):
+                order = ("bare", "prep") if (index + repeat) % 2 == 0 else ("prep", "bare")
+                for what in order:
+                    took = clocked((lambda: bare_forward(index)) if what == "bare" else (lambda: prep_shard(writer, index)))
+                    run[what] = [run[what][0] + took[0], run[what][1] + took[1]]
+            finish = clocked(lambda: writer.finalize(split="bench"))
+            run["prep"] = [run["prep"][0] + finish[0], run["prep"][1] + finish[1]]
             cache_bytes = sum(p.stat().st_size for p in target.glob("shard-*.arrow"))
-            print(f"  run {repeat + 1}/{args.repeats}: bare {bare_times[-1][0]:.2f} s wall / {bare_times[-1][1]:.2f} s cpu, "
-                  f"prep {prep_times[-1][0]:.2f} s wall / {prep_times[-1][1]:.2f} s cpu", flush=True)
+            for what in totals:
+                totals[what] = [totals[what][0] + run[what][0], totals[what][1] + run[what][1]]
+            runs.append(run)
+            print(f"  run {repeat + 1}/{args.repeats}: bare {run['bare'][0]:.2f} s wall / {run['bare'][1]:.2f} s cpu, "
+                  f"prep {run['prep'][0]:.2f} s wall / {run['prep'][1]:.2f} s cpu", flush=True)
 
-    bare, prepared = min(t[0] for t in bare_times), min(t[0] for t in prep_times)
-    bare_cpu, prep_cpu = min(t[1] for t in bare_times), min(t[1] for t in prep_times)
+    total_tokens = tokens * args.repeats
+    (bare, bare_cpu), (prepared, prep_cpu) = totals["bare"], totals["prep"]
     figures = {
         "model": args.model,
         "pairs": len(rows),
@@ -134,24 +147,26 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "topk": args.topk,
         "load_and_tokenize_s": round(load_seconds, 3),
+        "repeats": args.repeats,
         "bare_forward_s": round(bare, 3),
         "prep_s": round(prepared, 3),
-        "bare_tokens_per_s": round(tokens / bare, 1),
-        "prep_tokens_per_s": round(tokens / prepared, 1),
+        "bare_tokens_per_s": round(total_tokens / bare, 1),
+        "prep_tokens_per_s": round(total_tokens / prepared, 1),
         "ratio": round(bare / prepared, 3),
         "bare_cpu_s": round(bare_cpu, 3),
         "prep_cpu_s": round(prep_cpu, 3),
         "ratio_cpu": round(bare_cpu / prep_cpu, 3),
-        "runs": {"bare": bare_times, "prep": prep_times},
+        "runs": runs,
         "cache_bytes": cache_bytes,
         "bytes_per_token": round(cache_bytes / tokens, 2),
     }
     print()
     print(f"{len(rows)} pairs, {tokens:,} tokens ({padded:,} with padding) in {len(batches)} batches, "
           f"{len(shards)} shards; {figures['threads']} threads, {args.dtype}, topk={args.topk}")
+    print(f"totals over {args.repeats} repeat(s):")
     print(f"{'':<14} {'wall s':>9} {'tokens/s':>10} {'cpu s':>9} {'tokens/cpu-s':>13}")
-    print(f"{'bare forward':<14} {bare:>9.2f} {tokens / bare:>10,.0f} {bare_cpu:>9.2f} {tokens / bare_cpu:>13,.0f}")
-    print(f"{'prep':<14} {prepared:>9.2f} {tokens / prepared:>10,.0f} {prep_cpu:>9.2f} {tokens / prep_cpu:>13,.0f}")
+    for label, wall, cpu in (("bare forward", bare, bare_cpu), ("prep", prepared, prep_cpu)):
+        print(f"{label:<14} {wall:>9.2f} {total_tokens / wall:>10,.0f} {cpu:>9.2f} {total_tokens / cpu:>13,.0f}")
     print(f"prep / bare throughput: {figures['ratio']:.3f} by wall clock, {figures['ratio_cpu']:.3f} by CPU time "
           "(target >= 0.9)")
     print(f"cache: {cache_bytes:,} bytes = {figures['bytes_per_token']:.2f} bytes/token")

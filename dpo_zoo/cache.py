@@ -4,7 +4,8 @@ Layout of one prepared set (one split, e.g. ``<prep.output_dir>/train``)::
 
     manifest.json         written last: its presence means the set is complete and verified
     shard-00000.arrow     Arrow IPC *file* format (uncompressed, so it can be memory-mapped)
-    shard-00000.json      sidecar of the shard: rows, sha256, bytes, ids, key digest (for resume)
+    shard-00000.json      sidecar: rows, sha256, bytes, first/last id, digest of its ids, key digest,
+                          which rank wrote it (what resume checks before keeping a shard)
     shard-00001.arrow
     ...
 
@@ -37,9 +38,9 @@ file's sha256 matches the sidecar: a killed prep resumes from there, recomputing
     ids_digest    sha256 of the ordered pair ids (the coverage check compares against it)
     shards        [{file, rows, sha256, bytes, first_id, last_id, tokens}]
     drops         the drop report summary of the data load and tokenization
-    layout        shard_size, batch_size (how it was computed; not part of the key: no value depends
-                  on them)
-    extra         free-form provenance (model path, sources, timings)
+    layout        shard_size, batch_size, world_size (how it was computed; not part of the key:
+                  they change no value beyond floating-point rounding of differently padded batches)
+    extra         provenance: model name and folder, reference file, data sources, data_prep fingerprint
 
 **Key.** Every setting baked into the stored values: reference weights (sha256 per weight file) or the
 sha256 of a user-supplied reference file, tokenizer fingerprint, chat template, max_length,
