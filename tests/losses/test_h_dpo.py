@@ -7,21 +7,7 @@ import torch
 
 from dpo_zoo.losses import LossConfigError, build_loss, compute_loss, get_loss_entry
 
-F64 = torch.float64
-
-
-def t(*values, dtype=F64):
-    return torch.tensor(values, dtype=dtype)
-
-
-def sequence_inputs(pc, pr, rc, rr):
-    """The four summed log-probs as ``compute_loss`` keywords."""
-    return dict(
-        policy_chosen_logps=pc,
-        policy_rejected_logps=pr,
-        reference_chosen_logps=rc,
-        reference_rejected_logps=rr,
-    )
+from loss_inputs import F64, sequence_inputs, t
 
 
 def random_logps(seed, n=16):

@@ -8,21 +8,7 @@ import torch
 from dpo_zoo.losses import LossConfigError, LossInputError, build_loss, compute_loss, get_loss_entry
 from dpo_zoo.losses.base import Need
 
-F64 = torch.float64
-
-
-def t(*values, dtype=F64):
-    return torch.tensor(values, dtype=dtype)
-
-
-def sequence_inputs(pc, pr, rc, rr):
-    """The four summed log-probs as ``compute_loss`` keywords."""
-    return dict(
-        policy_chosen_logps=pc,
-        policy_rejected_logps=pr,
-        reference_chosen_logps=rc,
-        reference_rejected_logps=rr,
-    )
+from loss_inputs import F64, sequence_inputs, t
 
 
 # ---------------------------------------------------------------- naive reference (spec §3 formulas)
