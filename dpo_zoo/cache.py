@@ -58,7 +58,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -814,7 +813,7 @@ def read_reference_file(path: Union[str, Path]) -> ReferenceFile:
             records = pq.read_table(path).to_pylist()
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"{path}: not a readable parquet file ({err})") from None
-    elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
+    elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
         records = []
         with opener(path, "rt", encoding="utf-8") as f:
