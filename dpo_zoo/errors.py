@@ -19,6 +19,10 @@ class CacheError(UserError):
     """A prepared set is missing, incomplete, corrupt, or was made with other settings (names which)."""
 
 
+class ModelError(UserError, ValueError):
+    """A model folder or built-in model cannot be used; the message names the path and what to do."""
+
+
 class TrainingError(UserError):
     """Training cannot go on: a non-finite loss or gradient (with step and batch), a failed preflight."""
 

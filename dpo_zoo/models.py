@@ -31,11 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
-from .errors import UserError
-
-
-class ModelError(UserError, ValueError):
-    """A model folder or built-in model cannot be used; the message names the path and what to do."""
+from .errors import ModelError
 
 
 @dataclass(frozen=True)
