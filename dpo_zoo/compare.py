@@ -390,14 +390,14 @@ def score_pairs(policy, losses: Dict[str, Loss], heldout, *, pad_id: int, batch_
                     raise
                 skipped[key] = str(err)
                 continue
-            margin_prob = out.metrics.get("win_prob")
-            if margin_prob is None:  # a third-party loss without it: the Bradley–Terry reading of its margin
-                margin_prob = torch.sigmoid(out.chosen_rewards - out.rejected_rewards)
+            win_prob = out.metrics.get("win_prob")
+            if win_prob is None:  # a third-party loss without it: the Bradley–Terry reading of its margin
+                win_prob = torch.sigmoid(out.chosen_rewards - out.rejected_rewards)
             record = {
                 "losses": out.losses,
                 "chosen_rewards": out.chosen_rewards,
                 "rejected_rewards": out.rejected_rewards,
-                "win_prob": margin_prob,
+                "win_prob": win_prob,
             }
             if "tie_prob" in out.metrics:
                 record["tie_prob"] = out.metrics["tie_prob"]

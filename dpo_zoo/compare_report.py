@@ -205,7 +205,7 @@ def plot_length_accuracy(tables: Sequence[Dict[str, np.ndarray]]) -> str:
     """Accuracy of each entry in bins of the length difference (chosen − rejected tokens)."""
     figure = _figure()
     axis = figure.subplots()
-    non_tie = np.asarray(tables[0]["is_tie"], dtype=bool) == False  # noqa: E712 - elementwise
+    non_tie = ~np.asarray(tables[0]["is_tie"], dtype=bool)
     edges = length_edges(np.asarray(tables[0]["length_diff"], dtype=np.float64)[non_tie])
     centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     for table in tables:
@@ -236,6 +236,7 @@ def plot_kl_accuracy(summary: Dict[str, Any]) -> Optional[str]:
                       fmt="o", capsize=3, label=label)
         axis.annotate(label, (kl, accuracy), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axis.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    axis.margins(x=0.15, y=0.15)  # room for the labels of the outermost points
     axis.set_xlabel("KL(π ‖ π_ref), Rao–Blackwellized (nats per completion)")
     axis.set_ylabel("preference accuracy (held-out)")
     axis.set_title("Drift from the reference against accuracy")
