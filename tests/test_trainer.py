@@ -180,7 +180,7 @@ def test_non_finite_loss_is_caught_with_step_and_batch(tiny_prepared, tmp_path, 
 
 
 def test_preflight_refuses_a_loss_the_cache_cannot_serve(tiny_model_dir, tmp_path):
-    from conftest import tiny_overrides, write_hh_slice
+    from tiny import tiny_overrides, write_hh_slice
     from dpo_zoo.prep import run_prep
 
     data = write_hh_slice(tmp_path / "hh.jsonl", 12)

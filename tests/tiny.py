@@ -88,3 +88,39 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0, hidden_size: int = 16, 
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_hh_slice(path, n_rows: int = 60):
+    """The first ``n_rows`` real HH-RLHF pairs as a plain jsonl file."""
+    import gzip
+    import itertools
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+    with gzip.open(source, "rt", encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
+        for line in itertools.islice(f, n_rows):
+            out.write(line)
+    return path
+
+
+def tiny_overrides(model_dir, data_file, prep_dir, **extra):
+    """Overrides for a fast experiment on the tiny model and a real HH slice."""
+    values = {
+        "model.name_or_path": str(model_dir),
+        "data.preprocessor": "hh_rlhf",
+        "data.train_path": str(data_file),
+        "data.on_bad_row": "skip",
+        "data.heldout_fraction": 0.2,
+        "prep.output_dir": str(prep_dir),
+        "prep.max_length": 96,
+        "prep.max_prompt_length": 48,
+        "prep.progress": "false",
+        "prep.topk": 8,
+        "train.progress": "false",
+        "train.micro_batch_size": 2,
+        "train.max_steps": 2,
+        "train.learning_rate": 1e-3,
+        "compare.progress": "false",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
