@@ -300,34 +300,31 @@ def weights_fingerprint(path: Union[str, Path], memo_root: Optional[Path] = None
 
 
 def tokenizer_fingerprint(tokenizer_or_path: Any) -> str:
-    """One sha256 over the tokenizer files (whichever of :data:`TOKENIZER_FILES` exist) and the chat
-    template in effect.
+    """One sha256 over what decides token ids: the tokenizer's content and the chat template in effect.
 
-    Given a path, the tokenizer is loaded (without remote code) to read its chat template, so a path
-    and the tokenizer loaded from it give the same fingerprint. A tokenizer built in memory (no folder
-    behind it) is hashed from its serialized backend and special tokens instead of files.
+    For a fast tokenizer that is its serialized backend (vocabulary, merges, normalizer,
+    pre-tokenizer, post-processor with its BOS/EOS rules, added tokens) plus its special tokens, so a
+    copy re-saved elsewhere (``save_pretrained`` rewrites ``tokenizer_config.json``) fingerprints the
+    same as the original. A slow tokenizer has no serializable backend: its files are hashed instead.
+    Given a path, the tokenizer is loaded (without remote code) first.
     """
     if isinstance(tokenizer_or_path, (str, Path)):
         return tokenizer_fingerprint(load_tokenizer(tokenizer_or_path))
     tokenizer = tokenizer_or_path
-    template = getattr(tokenizer, "chat_template", None)
-    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
-    content: Dict[str, Any] = {"chat_template": template}
-    if str(folder) and folder.is_dir():
-        content["files"] = {
-            name: sha256_path(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()
-        }
-        if not content["files"]:
-            raise ModelError(f"tokenizer folder {folder} holds none of the tokenizer files {TOKENIZER_FILES}")
-    else:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise ModelError(
-                f"cannot fingerprint tokenizer {type(tokenizer).__name__}: it has no folder and no "
-                "serializable backend; save it with save_pretrained and load it from there"
-            )
+    content: Dict[str, Any] = {"chat_template": getattr(tokenizer, "chat_template", None)}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
         content["backend"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
         content["special_tokens"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    else:
+        folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+        files = {name: sha256_path(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()}
+        if not files:
+            raise ModelError(
+                f"cannot fingerprint tokenizer {type(tokenizer).__name__}: it has no fast backend and no "
+                f"tokenizer files ({', '.join(TOKENIZER_FILES)}) in {folder or 'a folder'}"
+            )
+        content["files"] = files
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -177,11 +177,13 @@ def _variant(workdir, name):
         make_tiny_model_dir(workdir / "model2", seed=1)
         return make_cfg("model.name_or_path=model2"), ["model_weights model.safetensors"]
     if name == "tokenizer":
+        # Same weights, a tokenizer that splits text differently (one added token): ids change.
+        from transformers import AutoTokenizer
+
         shutil.copytree(workdir / "model", workdir / "model3")
-        config_path = workdir / "model3" / "tokenizer_config.json"
-        config = json.loads(config_path.read_text())
-        config["model_max_length"] = 4096
-        config_path.write_text(json.dumps(config))
+        tokenizer = AutoTokenizer.from_pretrained(workdir / "model3")
+        tokenizer.add_tokens(["Assistant"])
+        tokenizer.save_pretrained(workdir / "model3")
         return make_cfg("model.name_or_path=model3"), ["tokenizer "]
     if name == "data":
         write_data(workdir / "data2.jsonl", change_row=3)
