@@ -13,6 +13,7 @@ outputs (needed only by token-level losses such as ``ra_dpo``) are built for com
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,6 +68,22 @@ def completion_index(completion_start: torch.Tensor, lengths: torch.Tensor, seq_
     return positions, mask
 
 
+def _forward_accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under any wrappers (DeepSpeed engine, PEFT) takes ``logits_to_keep``."""
+    inner = model
+    for _ in range(4):  # engine -> PeftModel -> LoraModel -> the transformers model
+        if hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+            inner = inner.module
+        elif hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        else:
+            break
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -84,28 +101,41 @@ def completion_logps(
     ``topk=k`` returns the top-k reference distribution per position plus the leftover mass (no grad).
     Computation is in at least fp32 whatever the model's dtype. Gradients flow when the caller has
     them enabled (training); wrap in ``torch.inference_mode()`` for reference passes.
+
+    Speed: logits are asked for only from the earliest position that predicts a completion token on
+    (``logits_to_keep``, when the model takes it: the LM head's cost on prompt tokens is skipped and
+    the model's own logit processing is kept); per-token values are ``logit[label] − logsumexp`` over
+    row chunks taken with ``split`` (whose backward writes one gradient, not one per chunk).
     """
+    n_rows, seq_len = input_ids.shape
     lengths = attention_mask.sum(-1)
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = outputs.logits  # [N, L, V]
-    positions, mask = completion_index(completion_start, lengths, input_ids.shape[1])
-    n_rows, width = positions.shape
+    positions, mask = completion_index(completion_start, lengths, seq_len)
+    width = positions.shape[1]
     labels_full = input_ids[:, 1:]  # token t is predicted by logits at t-1
     labels = torch.gather(labels_full, 1, positions) * mask
 
+    # Positions first .. L-1 get logits; position L-1 predicts nothing (its label is padding, masked).
+    first = max(int(completion_start.min().item()) - 1, 0) if n_rows else 0
+    kwargs = {"logits_to_keep": seq_len - first} if first > 0 and _forward_accepts_logits_to_keep(model) else {}
+    if not kwargs:
+        first = 0
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    logits = outputs.logits  # [N, L − first, V]
+    kept_labels = torch.cat([input_ids[:, first + 1 :], input_ids[:, :1]], dim=1)  # last column: unused
+    kept_positions = (positions - first).clamp(min=0)
+
     token_chunks, vocab_chunks, topk_chunks, mean_chunks = [], [], [], []
-    for start in range(0, n_rows, row_chunk):
-        rows = slice(start, start + row_chunk)
-        # Only the completion positions of these rows: [r, T, V], upcast to fp32 for a stable softmax.
-        index = positions[rows].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-        chunk_logits = torch.gather(logits[rows, :-1], 1, index)
+    for chunk_logits, chunk_labels, chunk_pos, chunk_mask in zip(
+        logits.split(row_chunk), kept_labels.split(row_chunk), kept_positions.split(row_chunk), mask.split(row_chunk)
+    ):
         if chunk_logits.dtype not in (torch.float32, torch.float64):
             chunk_logits = chunk_logits.float()
-        log_norm = torch.logsumexp(chunk_logits, dim=-1)
-        picked = torch.gather(chunk_logits, 2, labels[rows].unsqueeze(-1)).squeeze(-1)
-        token_chunks.append((picked - log_norm) * mask[rows])
+        log_norm = torch.logsumexp(chunk_logits, dim=-1)  # [r, K]
+        picked = torch.gather(chunk_logits, 2, chunk_labels.unsqueeze(-1)).squeeze(-1)
+        token_chunks.append(torch.gather(picked - log_norm, 1, chunk_pos) * chunk_mask)
         if vocab or topk:
-            chunk_vocab = chunk_logits - log_norm.unsqueeze(-1)
+            index = chunk_pos.unsqueeze(-1).expand(-1, -1, chunk_logits.shape[-1])
+            chunk_vocab = torch.gather(chunk_logits, 1, index) - torch.gather(log_norm, 1, chunk_pos).unsqueeze(-1)
             if vocab:
                 vocab_chunks.append(chunk_vocab)
             if topk:
@@ -117,9 +147,9 @@ def completion_logps(
                     topk_chunks.append((top_values, top_ids, rest))
         if logits_mean:
             with torch.no_grad():
-                m = mask[rows].to(chunk_logits.dtype)
-                total = (chunk_logits.detach().mean(-1) * m).sum(-1)
-                mean_chunks.append(total / m.sum(-1).clamp(min=1))
+                m = chunk_mask.to(chunk_logits.dtype)
+                per_position = torch.gather(chunk_logits.detach().mean(-1), 1, chunk_pos)
+                mean_chunks.append((per_position * m).sum(-1) / m.sum(-1).clamp(min=1))
 
     result = CompletionLogps(
         token_logps=torch.cat(token_chunks) if token_chunks else logits.new_zeros(n_rows, width).float(),
