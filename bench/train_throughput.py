@@ -1,0 +1,768 @@
+"""Training throughput and peak memory: dpo_zoo's trainer against TRL's ``DPOTrainer``, like for like.
+
+    python bench/train_throughput.py --pairs 64 --micro-batch 4 --steps 8 --max-length 256 --threads 2 \\
+        --out bench/results/train_throughput.json
+
+Three trainers are run, each in a fresh subprocess of its own (so each peak RSS belongs to one trainer),
+one after the other in the same invocation, on the same model, pairs, batches, precision and threads:
+
+* **dpo_zoo**: :func:`dpo_zoo.trainer.train` with ``train.reference=cache``: reference log-probs read
+  from the prepared set, no reference model in memory. The set is built first by
+  :func:`dpo_zoo.prep.run_prep` in its own subprocess; that time is reported on its own (``prep``),
+  never inside the training figure.
+* **trl_live**: TRL's ``DPOTrainer`` with its live reference model (a second copy of the model, run
+  without gradients every step).
+* **trl_precompute**: TRL's ``DPOTrainer`` with ``precompute_ref_log_probs=True``: one reference pass
+  over the data set in the constructor (timed and reported on its own, as ``precompute``), then no
+  reference model during training.
+
+**Same work.** TRL is given exactly the token ids of dpo_zoo's prepared set (``prompt_ids`` =
+``chosen_input_ids[:chosen_completion_start]``, which the rejected side shares, checked per pair;
+``chosen_ids`` / ``rejected_ids`` = the completions), in the order in which dpo_zoo's trainer visits
+the pairs (its seeded permutation), read by TRL sequentially. TRL 1.16 has no entry point for
+pre-tokenized data, so a subclass returns the data set unchanged from ``_prepare_dataset`` (the
+tokenization TRL would do before training, never part of a step); everything else, collator
+included, is TRL's own. Both trainers then run full fine-tuning of the same fp32 weights with
+micro-batch ``--micro-batch``, gradient accumulation 1, DPO sigmoid loss with beta 0.1, AdamW (torch's,
+``torch.optim.AdamW``, weight decay 0, betas 0.9/0.999, eps 1e-8) at ``--lr`` with a linear decay and
+no warm-up, gradient clipping at 1.0, no gradient checkpointing, no logging, evaluation or saving
+during training on TRL's side (dpo_zoo writes its per-step ``logs.jsonl`` line, as it always does),
+``torch.set_num_threads(--threads)`` (and OMP/MKL threads) in every process. The tokens of every step
+(real and padded) are recorded on both sides and the run is marked NOT like-for-like if any differ; the
+per-step losses are compared too (both are ln 2 at step 1, where policy = reference).
+
+**What is timed.** Every step ends with the optimizer step; its end is stamped (wall clock and this
+process's CPU time) by a hook: for TRL a ``TrainerCallback.on_step_end``, for dpo_zoo a wrapper of the
+DeepSpeed engine's ``step`` installed from this script (the trainer itself is unchanged). The first
+``--warmup`` steps are not timed. Throughput = tokens of the timed steps / wall time from the end of
+the last warm-up step to the end of the last step, i.e. everything a trainer does per step: fetching
+and collating the batch, forward, loss, backward, clipping, optimizer and scheduler, its own per-step
+metrics and logging. Tokens are input tokens: prompt + completion of both sides, padding excluded
+(``attention_mask.sum()``), the quantity dpo_zoo logs as ``tokens_per_second``. Also reported:
+tokens per CPU-second over the same span (on a machine shared with other work the wall clock partly
+measures the neighbours; CPU time is what the process itself spent), and "in-step" throughput over
+each trainer's own step interval (dpo_zoo: batch indices to optimizer step, collation included;
+TRL: ``on_step_begin`` to ``on_step_end``, which starts after its data loader has produced the batch).
+
+**Memory.** Peak RSS is ``VmHWM`` of ``/proc/self/status`` at the end of the worker process: model
+loading, the optimizer state, TRL's precompute pass and the training steps all count. The peak of the
+training steps alone is also given (the high-water mark is reset through ``/proc/self/clear_refs``
+just before the first step). On a GPU, ``torch.cuda.max_memory_allocated`` is reported as well and
+is the figure the memory ratio uses there.
+
+With ``--repeats N`` the three trainers run N times each, in rotating order; each one's fastest run
+(by wall-clock throughput) is reported, all runs are kept in the JSON.
+
+Targets (issue 4): dpo_zoo / TRL-live throughput >= 1.3, dpo_zoo / TRL-precompute throughput >= 1.0,
+dpo_zoo / TRL-live peak memory <= 0.85.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+TRAINERS = ("dpo_zoo", "trl_live", "trl_precompute")
+TARGETS = {
+    "throughput_vs_trl_live": (">=", 1.3),
+    "throughput_vs_trl_precompute": (">=", 1.0),
+    "peak_memory_vs_trl_live": ("<=", 0.85),
+}
+# Variables a launcher (torchrun, deepspeed, accelerate) may have left behind: a worker must be a plain
+# one-process run, so none of them is passed on.
+LAUNCHER_VARS = re.compile(
+    r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|GROUP_WORLD_SIZE|ROLE_RANK|ROLE_WORLD_SIZE|"
+    r"ROLE_NAME|NODE_RANK|MASTER_ADDR|MASTER_PORT|TORCHELASTIC_.*|TORCH_NCCL_.*|OMPI_.*|PMI_.*|SLURM_PROCID|"
+    r"ACCELERATE_.*|CROSS_RANK|CROSS_SIZE|LOCAL_SIZE)$"
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="built-in model name or a local model folder")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="preference data file (default: HH-RLHF harmless test)")
+    parser.add_argument("--preprocessor", default="hh_rlhf", help="dpo_zoo preprocessor for --data (hh_rlhf, vader, ...)")
+    parser.add_argument("--pairs", type=int, default=64, help="pairs to prepare (and to precompute for TRL)")
+    parser.add_argument("--micro-batch", type=int, default=4, help="pairs per step (2x sequences), both trainers")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (at least 1)")
+    parser.add_argument("--max-length", type=int, default=256, help="prompt + completion tokens per sequence")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="default: half of --max-length")
+    parser.add_argument("--ref-batch", type=int, default=8, help="pairs per reference-pass batch (prep and TRL precompute)")
+    parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads in every process")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--lr", type=float, default=5e-7)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per trainer (rotating order); the fastest is reported")
+    parser.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated subset of " + ",".join(TRAINERS))
+    parser.add_argument("--workdir", default=None, help="keep prepared set, runs and worker logs here (default: a temp folder)")
+    parser.add_argument("--out", default=None, help="write the figures to this JSON file (and a .md table beside it)")
+    # Internal: one worker process.
+    parser.add_argument("--worker", default=None, choices=("prep",) + TRAINERS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is None:
+        if args.warmup < 1:
+            parser.error("--warmup must be at least 1: the timed span starts at the end of the last warm-up step")
+        if args.steps < 1 or args.micro_batch < 1 or args.pairs < 1 or args.threads < 1 or args.repeats < 1:
+            parser.error("--steps, --micro-batch, --pairs, --threads and --repeats must be positive")
+        unknown = set(args.trainers.split(",")) - set(TRAINERS)
+        if unknown:
+            parser.error(f"unknown trainer(s) {sorted(unknown)}; choose from {', '.join(TRAINERS)}")
+    return args
+
+
+# ==================================================================== measuring, inside a worker
+
+
+def memory_mb() -> Dict[str, float]:
+    """Current and peak resident set size of this process (``VmRSS``, ``VmHWM``), in MiB."""
+    text = Path("/proc/self/status").read_text()
+    out = {}
+    for key in ("VmRSS", "VmHWM"):
+        match = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+        out[key] = round(int(match.group(1)) / 1024, 1) if match else None
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs`` value 5); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StepClock:
+    """Per-step records: begin/end wall and CPU stamps, tokens (real and padded), loss.
+
+    Stamps are taken after a device synchronisation on a GPU, so they bound the step's real work.
+    """
+
+    def __init__(self, device: str, warmup: int, total: int):
+        import torch
+
+        self.torch = torch
+        self.cuda = device == "cuda"
+        self.warmup, self.total = warmup, total
+        self.steps: List[Dict[str, Any]] = []
+        self.current: Optional[Dict[str, Any]] = None
+        self.training_memory: Dict[str, Any] = {}
+        self.started = time.perf_counter()
+
+    def _now(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    def training_starts(self) -> None:
+        """Memory before the first step; from here the peak covers the training steps only."""
+        whole = memory_mb()
+        self.training_memory = {
+            "rss_before_training_mb": whole["VmRSS"],
+            "peak_rss_before_training_mb": whole["VmHWM"],
+            "peak_reset": reset_peak_rss(),
+            "setup_s": round(time.perf_counter() - self.started, 3),
+        }
+        if self.cuda:
+            self.training_memory["gpu_allocated_before_training_mb"] = round(self.torch.cuda.memory_allocated() / 2**20, 1)
+            self.training_memory["gpu_peak_before_training_mb"] = round(self.torch.cuda.max_memory_allocated() / 2**20, 1)
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def begin(self) -> None:
+        if not self.steps and self.current is None:
+            self.training_starts()
+        wall, cpu = self._now()
+        self.current = {"step": len(self.steps) + 1, "begin_wall": wall, "begin_cpu": cpu, "tokens": 0,
+                        "padded_tokens": 0, "sequences": 0, "width": 0}
+
+    def batch(self, attention_mask) -> None:
+        if self.current is None:
+            raise RuntimeError("a batch was seen outside a step")
+        self.current["tokens"] += int(attention_mask.sum().item())
+        self.current["padded_tokens"] += int(attention_mask.numel())
+        self.current["sequences"] += int(attention_mask.shape[0])
+        self.current["width"] = max(self.current["width"], int(attention_mask.shape[1]))
+
+    def end(self) -> None:
+        wall, cpu = self._now()
+        record = self.current
+        self.current = None
+        record.update(end_wall=wall, end_cpu=cpu, threads=self.torch.get_num_threads(), rss_mb=memory_mb()["VmRSS"],
+                      load_average=os.getloadavg()[0])
+        self.steps.append(record)
+        print(f"[bench] step {record['step']}/{self.total}: {record['tokens']} tokens, "
+              f"{wall - record['begin_wall']:.2f} s in step", flush=True)
+
+    def result(self) -> Dict[str, Any]:
+        memory = memory_mb()
+        out = {"steps": self.steps, **self.training_memory,
+               "peak_rss_training_mb": memory["VmHWM"] if self.training_memory.get("peak_reset") else None,
+               "peak_rss_mb": max(memory["VmHWM"], self.training_memory.get("peak_rss_before_training_mb") or 0)}
+        if self.cuda:
+            out["gpu_peak_training_mb"] = round(self.torch.cuda.max_memory_allocated() / 2**20, 1)
+            out["gpu_peak_mb"] = max(out["gpu_peak_training_mb"], self.training_memory.get("gpu_peak_before_training_mb", 0))
+        return out
+
+
+def set_threads(spec: Dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+
+
+def dpo_zoo_overrides(spec: Dict[str, Any]) -> List[str]:
+    """The config both dpo_zoo steps (prep and train) read: same data, model and prepared set."""
+    fp32 = spec["precision"] == "fp32"
+    return [
+        f"model.name_or_path={spec['model']}",
+        f"data.preprocessor={spec['preprocessor']}",
+        f"data.train_path={spec['data']}",
+        "data.heldout_fraction=0.0",
+        f"data.max_train_pairs={spec['pairs']}",
+        "data.on_bad_row=skip",
+        f"prep.output_dir={spec['prepared_dir']}",
+        f"prep.max_length={spec['max_length']}",
+        f"prep.max_prompt_length={spec['max_prompt_length']}",
+        f"prep.batch_size={spec['ref_batch']}",
+        f"prep.shard_size={max(spec['pairs'], 1)}",
+        f"prep.dtype={'float32' if fp32 else 'bfloat16'}",
+        "prep.progress=false",
+        "loss.name=dpo",
+        f"loss.beta={spec['beta']}",
+        f"train.seed={spec['seed']}",
+        f"train.max_steps={spec['total_steps']}",
+        f"train.micro_batch_size={spec['micro_batch']}",
+        "train.gradient_accumulation_steps=1",
+        f"train.learning_rate={spec['lr']}",
+        "train.weight_decay=0.0",
+        "train.warmup_steps=0",
+        "train.lr_schedule=linear",
+        "train.max_grad_norm=1.0",
+        f"train.precision={'float32' if fp32 else 'bfloat16'}",
+        "train.reference=cache",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.resume=false",
+        "train.overwrite=true",
+        "train.progress=false",
+        "train.gradient_checkpointing=false",
+        "train.lora.enabled=false",
+    ]
+
+
+def worker_prep(spec: Dict[str, Any]) -> Dict[str, Any]:
+    set_threads(spec)
+    from dpo_zoo.cache import PreparedSet
+    from dpo_zoo.config import load_config
+    from dpo_zoo.prep import run_prep
+
+    cfg = load_config([], dpo_zoo_overrides(spec))
+    wall, cpu = time.perf_counter(), time.process_time()
+    paths = run_prep(cfg)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    train = PreparedSet.open(paths["train"])
+    rows = train.rows(list(range(len(train))))
+    tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+    return {"prep_s": round(wall, 3), "prep_cpu_s": round(cpu, 3), "pairs": len(train), "tokens": tokens,
+            "peak_rss_mb": memory_mb()["VmHWM"], "path": str(paths["train"]),
+            "note": "run_prep end to end: data loading, tokenization, model loading, reference pass, shard and manifest writes"}
+
+
+def worker_dpo_zoo(spec: Dict[str, Any]) -> Dict[str, Any]:
+    set_threads(spec)
+    import dpo_zoo.trainer as T
+    from dpo_zoo.config import load_config
+
+    imports_mb = memory_mb()["VmRSS"]
+    clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"])
+    cfg = load_config([], dpo_zoo_overrides(spec) + [f"train.output_dir={spec['run_dir']}"])
+
+    # Hooks from outside the trainer (its code is untouched): a step begins where the trainer picks
+    # the batch indices of its first micro-batch and ends when the DeepSpeed engine's step returns.
+    pick, collate, build_engine = T.micro_batch_indices, T.collate, T.build_engine
+
+    def timed_pick(n_pairs, seed, step, micro, cfg_train, rank, world):
+        if micro == 0:
+            clock.begin()
+        return pick(n_pairs, seed, step, micro, cfg_train, rank, world)
+
+    def counted_collate(rows, pad_token_id):
+        collated = collate(rows, pad_token_id)
+        clock.batch(collated.attention_mask)
+        return collated
+
+    def timed_engine(cfg_, policy, run):
+        engine = build_engine(cfg_, policy, run)
+        engine_step = engine.step
+
+        def step(*args, **kwargs):
+            out = engine_step(*args, **kwargs)
+            clock.end()
+            return out
+
+        engine.step = step
+        return engine
+
+    T.micro_batch_indices, T.collate, T.build_engine = timed_pick, counted_collate, timed_engine
+    T.train(cfg)
+    result = clock.result()
+    logged = [json.loads(line) for line in (Path(spec["run_dir"]) / "logs.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in logged if "loss" in r and "event" not in r}
+    for record in result["steps"]:
+        entry = by_step.get(record["step"], {})
+        record["loss"] = entry.get("loss")
+        record["logged_tokens_per_second"] = entry.get("tokens_per_second")
+    result["rss_after_imports_mb"] = imports_mb
+    return result
+
+
+def trl_dataset(spec: Dict[str, Any]):
+    """dpo_zoo's prepared pairs as TRL's tokenized columns, in dpo_zoo's visiting order."""
+    import dpo_zoo.trainer as T
+    from datasets import Dataset
+    from dpo_zoo.cache import PreparedSet
+    from dpo_zoo.config import load_config
+
+    cfg = load_config([], dpo_zoo_overrides(spec))
+    prepared = PreparedSet.open(spec["prepared_path"])
+    n = len(prepared)
+    order: List[int] = []
+    for step in range(spec["total_steps"]):
+        order += T.micro_batch_indices(n, cfg.train.seed, step, 0, cfg.train, 0, 1)
+    seen = set(order)
+    order += [i for i in range(n) if i not in seen]  # the rest: prepared (and precomputed) but not trained on
+    columns = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for row in prepared.rows(order, columns=["id", "chosen_input_ids", "rejected_input_ids",
+                                            "chosen_completion_start", "rejected_completion_start"]):
+        chosen, rejected = list(row["chosen_input_ids"]), list(row["rejected_input_ids"])
+        c, r = int(row["chosen_completion_start"]), int(row["rejected_completion_start"])
+        if chosen[:c] != rejected[:r]:
+            raise SystemExit(f"pair {row['id']}: chosen and rejected prompts differ in tokens; TRL's format needs one "
+                             "shared prompt, so this pair cannot be given to TRL as is")
+        columns["prompt_ids"].append(chosen[:c])
+        columns["chosen_ids"].append(chosen[c:])
+        columns["rejected_ids"].append(rejected[r:])
+    return Dataset.from_dict(columns), order
+
+
+def worker_trl(spec: Dict[str, Any], precompute: bool) -> Dict[str, Any]:
+    set_threads(spec)
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_zoo.models import load_tokenizer, resolve_model_path
+    from dpo_zoo.config import load_config
+
+    imports_mb = memory_mb()["VmRSS"]
+    clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"])
+    model_path = str(resolve_model_path(load_config([], dpo_zoo_overrides(spec)).model))
+    tokenizer = load_tokenizer(model_path)
+    dataset, order = trl_dataset(spec)
+    precompute_record: Dict[str, Any] = {}
+    losses: List[float] = []
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # Already tokenized (dpo_zoo's ids); TRL 1.16 would tokenize text here, before training.
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            precompute_record[name] = {"s": round(time.perf_counter() - wall, 3),
+                                       "cpu_s": round(time.process_time() - cpu, 3),
+                                       "pairs": len(dataset), "batch_size": batch_size}
+            return out
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            clock.batch(inputs["attention_mask"])
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            losses.append(float(loss.detach().float().item()))
+            return loss
+
+    class Stamps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.end()
+
+    cuda = spec["device"] == "cuda"
+    config = DPOConfig(
+        output_dir=spec["run_dir"],
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["total_steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",  # torch.optim.AdamW, as dpo_zoo (TRL's default would be the fused variant)
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        beta=spec["beta"],
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=spec["ref_batch"],
+        max_length=None,  # the ids are already cut to --max-length by dpo_zoo's prep
+        pad_to_multiple_of=None,
+        padding_free=False,
+        gradient_checkpointing=False,
+        activation_offloading=False,
+        use_liger_kernel=False,
+        torch_compile=False,
+        bf16=spec["precision"] == "bf16",
+        fp16=False,
+        use_cpu=not cuda,
+        model_init_kwargs={"dtype": torch.float32},
+        seed=spec["seed"],
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = PreTokenizedDPOTrainer(model=model_path, args=config, train_dataset=dataset,
+                                     processing_class=tokenizer, callbacks=[Stamps()])
+    trainer.train()
+    result = clock.result()
+    for record, loss in zip(result["steps"], losses):
+        record["loss"] = loss
+    result.update(rss_after_imports_mb=imports_mb, precompute=precompute_record.get("train"),
+                  reference_model_in_memory=trainer.ref_model is not None,
+                  optimizer=type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__,
+                  pair_order=order[: spec["total_steps"] * spec["micro_batch"]])
+    return result
+
+
+def run_worker_main(args) -> int:
+    spec = json.loads(Path(args.spec).read_text())
+    started = time.perf_counter()
+    if args.worker == "prep":
+        result = worker_prep(spec)
+    elif args.worker == "dpo_zoo":
+        result = worker_dpo_zoo(spec)
+    else:
+        result = worker_trl(spec, precompute=args.worker == "trl_precompute")
+    result["worker_s"] = round(time.perf_counter() - started, 3)
+    Path(args.result).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+# ==================================================================== orchestration
+
+
+def worker_env(spec: Dict[str, Any]) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not LAUNCHER_VARS.match(k)}
+    threads = str(spec["threads"])
+    env.update(
+        OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
+        TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(Path(spec["workdir"]) / "hf_datasets"),
+        DS_ACCELERATOR="cpu" if spec["device"] == "cpu" else "cuda",
+        PYTHONUNBUFFERED="1",
+    )
+    if spec["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_worker(role: str, spec: Dict[str, Any], tag: str) -> Dict[str, Any]:
+    workdir = Path(spec["workdir"])
+    spec_path, result_path, log_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--spec", str(spec_path),
+               "--result", str(result_path)]
+    print(f"== {tag}", flush=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=worker_env(spec), cwd=str(workdir), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log.write(line)
+            if line.startswith(("[bench]", "[prep]", "[dpo-zoo")):
+                print("   " + line.rstrip(), flush=True)
+        code = process.wait()
+    if code != 0 or not result_path.exists():
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"worker {tag} failed (exit {code}); last lines of {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    result["process_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def summarize_run(result: Dict[str, Any], warmup: int) -> Dict[str, Any]:
+    """Throughput figures of one trainer run from its step records (see the module docstring)."""
+    steps = result["steps"]
+    timed = steps[warmup:]
+    before = steps[warmup - 1]
+    tokens = sum(s["tokens"] for s in timed)
+    span = timed[-1]["end_wall"] - before["end_wall"]
+    cpu = timed[-1]["end_cpu"] - before["end_cpu"]
+    in_step = sum(s["end_wall"] - s["begin_wall"] for s in timed)
+    periods = [round(b["end_wall"] - a["end_wall"], 3) for a, b in zip(steps, steps[1:])]
+    timed_periods = sorted(periods[warmup - 1 :])
+    median = timed_periods[len(timed_periods) // 2] if len(timed_periods) % 2 else \
+        (timed_periods[len(timed_periods) // 2 - 1] + timed_periods[len(timed_periods) // 2]) / 2
+    out = {
+        "tokens_per_s": round(tokens / span, 2),
+        "tokens_per_cpu_s": round(tokens / cpu, 2) if cpu > 0 else None,
+        "tokens_per_s_in_step": round(tokens / in_step, 2),
+        "timed_steps": len(timed),
+        "timed_tokens": tokens,
+        "timed_padded_tokens": sum(s["padded_tokens"] for s in timed),
+        "timed_wall_s": round(span, 3),
+        "timed_cpu_s": round(cpu, 3),
+        "median_step_s": round(median, 3),
+        "step_period_s": periods,  # end of step k-1 to end of step k, k = 2..; the first `warmup - 1` untimed
+        "step_in_step_s": [round(s["end_wall"] - s["begin_wall"], 3) for s in steps],
+        "tokens_per_step": [s["tokens"] for s in steps],
+        "padded_tokens_per_step": [s["padded_tokens"] for s in steps],
+        "loss_per_step": [s.get("loss") for s in steps],
+        "threads_seen": sorted({s["threads"] for s in steps}),
+        "load_average_timed": round(sum(s.get("load_average", 0.0) for s in timed) / len(timed), 2),
+        "rss_after_step_mb": [s["rss_mb"] for s in steps],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "peak_rss_training_mb": result.get("peak_rss_training_mb"),
+        "rss_before_training_mb": result.get("rss_before_training_mb"),
+        "rss_after_imports_mb": result.get("rss_after_imports_mb"),
+        "setup_s": result.get("setup_s"),
+        "process_s": result.get("process_s"),
+    }
+    for key in ("gpu_peak_mb", "gpu_peak_training_mb", "precompute", "reference_model_in_memory", "optimizer"):
+        if key in result:
+            out[key] = result[key]
+    if steps and steps[0].get("logged_tokens_per_second") is not None:
+        out["logged_tokens_per_second"] = [round(s["logged_tokens_per_second"], 2) for s in steps]
+    return out
+
+
+def ratio_entry(name: str, value: Optional[float]) -> Dict[str, Any]:
+    op, target = TARGETS[name]
+    if value is None:
+        return {"value": None, "target": f"{op} {target}", "pass": None}
+    ok = value >= target if op == ">=" else value <= target
+    return {"value": round(value, 3), "target": f"{op} {target}", "pass": ok}
+
+
+def markdown(figures: Dict[str, Any]) -> str:
+    runs, s = figures["trainers"], figures["settings"]
+    names = [t for t in TRAINERS if t in runs]
+    heads = {"dpo_zoo": "dpo_zoo (cache)", "trl_live": "TRL live ref", "trl_precompute": "TRL precomputed ref"}
+
+    def row(label, fn):
+        cells = []
+        for name in names:
+            try:
+                value = fn(name, runs[name])
+            except (KeyError, TypeError):
+                value = None
+            cells.append("–" if value is None else str(value))
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def ref_pass(name, r):
+        if name == "dpo_zoo":
+            return f"{figures['prep']['prep_s']:.1f} s (prep, end to end)"
+        if name == "trl_precompute":
+            return f"{r['precompute']['s']:.1f} s (precompute pass)"
+        return "every step"
+
+    gpu = s["device"] == "cuda"
+    lines = [
+        f"Model `{s['model']}`, {s['precision']} on {s['device']} ({s['threads']} threads), "
+        f"{s['micro_batch']} pairs/step, {s['warmup']} warm-up + {s['steps']} timed steps, "
+        f"max length {s['max_length']}, {figures['prep']['pairs']} prepared pairs.",
+        "",
+        "| | " + " | ".join(heads[n] for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+        row("tokens/s (wall, timed steps)", lambda n, r: f"{r['tokens_per_s']:.1f}"),
+        row("tokens per CPU-second", lambda n, r: f"{r['tokens_per_cpu_s']:.1f}"),
+        row("tokens/s in-step", lambda n, r: f"{r['tokens_per_s_in_step']:.1f}"),
+        row("median step (s)", lambda n, r: f"{r['median_step_s']:.2f}"),
+        row("timed tokens (padded)", lambda n, r: f"{r['timed_tokens']} ({r['timed_padded_tokens']})"),
+        row("peak RSS, process (MB)", lambda n, r: f"{r['peak_rss_mb']:.0f}"),
+        row("peak RSS, training steps (MB)", lambda n, r: f"{r['peak_rss_training_mb']:.0f}"),
+        row("RSS before first step (MB)", lambda n, r: f"{r['rss_before_training_mb']:.0f}"),
+    ]
+    if gpu:
+        lines.append(row("peak GPU allocated (MB)", lambda n, r: f"{r['gpu_peak_mb']:.0f}"))
+    lines += [
+        row("reference log-probs", ref_pass),
+        row("setup before first step (s)", lambda n, r: f"{r['setup_s']:.1f}"),
+        row("1-min load average, timed steps", lambda n, r: f"{r['load_average_timed']:.1f}"),
+        "",
+        "| ratio | value | target | result |",
+        "|---|---:|---:|---|",
+    ]
+    for name, entry in figures["ratios"].items():
+        verdict = "–" if entry["pass"] is None else ("PASS" if entry["pass"] else "FAIL")
+        value = "–" if entry["value"] is None else f"{entry['value']:.3f}"
+        lines.append(f"| {name} | {value} | {entry['target']} | {verdict} |")
+    for name, value in figures["other_ratios"].items():
+        lines.append(f"| {name} | {'–' if value is None else f'{value:.3f}'} | (no target) | |")
+    check = figures["like_for_like"]
+    lines += ["", f"Like for like: {'yes' if check['ok'] else 'NO'} — {check['detail']}"]
+    return "\n".join(lines) + "\n"
+
+
+def like_for_like(summaries: Dict[str, Dict[str, Any]], threads: int) -> Dict[str, Any]:
+    problems, notes = [], []
+    names = list(summaries)
+    first = summaries[names[0]]
+    for name in names[1:]:
+        if summaries[name]["tokens_per_step"] != first["tokens_per_step"]:
+            problems.append(f"tokens per step differ: {names[0]} {first['tokens_per_step']} vs {name} "
+                            f"{summaries[name]['tokens_per_step']}")
+        if summaries[name]["padded_tokens_per_step"] != first["padded_tokens_per_step"]:
+            problems.append(f"padded tokens per step differ between {names[0]} and {name}")
+    for name, summary in summaries.items():
+        if summary["threads_seen"] != [threads]:
+            problems.append(f"{name} ran with {summary['threads_seen']} threads, not {threads}")
+    losses = {n: s["loss_per_step"] for n, s in summaries.items()}
+    if "dpo_zoo" in losses and all(v is not None for l in losses.values() for v in l):
+        diffs = {n: max(abs(a - b) for a, b in zip(losses["dpo_zoo"], l)) for n, l in losses.items() if n != "dpo_zoo"}
+        if diffs:
+            notes.append("max |loss difference| per step vs dpo_zoo: " + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()))
+    detail = "; ".join(problems) if problems else (
+        f"identical tokens per step ({first['tokens_per_step']}) and padded shapes in every trainer, "
+        f"{threads} threads seen in each")
+    if notes:
+        detail += "; " + "; ".join(notes)
+    return {"ok": not problems, "detail": detail, "problems": problems}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker_main(args)
+
+    total_steps = args.warmup + args.steps
+    data = str(Path(args.data).expanduser().resolve()) if args.preprocessor != "vader" or Path(args.data).exists() else args.data
+    model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    temp = None
+    if args.workdir:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        temp = tempfile.TemporaryDirectory(prefix="train_throughput_")
+        workdir = Path(temp.name)
+    spec = {
+        "model": model, "data": data, "preprocessor": args.preprocessor, "pairs": args.pairs,
+        "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": args.steps, "total_steps": total_steps,
+        "max_length": args.max_length, "max_prompt_length": args.max_prompt_length or args.max_length // 2,
+        "ref_batch": args.ref_batch, "threads": args.threads, "device": args.device, "precision": args.precision,
+        "lr": args.lr, "beta": args.beta, "seed": args.seed, "workdir": str(workdir),
+        "prepared_dir": str(workdir / "prepared"),
+    }
+    started = time.perf_counter()
+    try:
+        prep = run_worker("prep", spec, "prep")
+        print(f"   prep: {prep['pairs']} pairs, {prep['tokens']:,} tokens, {prep['prep_s']:.1f} s", flush=True)
+        if prep["pairs"] < total_steps * args.micro_batch:
+            print(f"   note: {total_steps} steps x {args.micro_batch} pairs > {prep['pairs']} pairs: "
+                  "both trainers go round the data more than once", flush=True)
+        spec["prepared_path"] = prep["path"]
+        chosen = [t for t in TRAINERS if t in args.trainers.split(",")]
+        runs: Dict[str, List[Dict[str, Any]]] = {t: [] for t in chosen}
+        for repeat in range(args.repeats):
+            order = chosen[repeat % len(chosen):] + chosen[: repeat % len(chosen)]
+            for trainer in order:
+                tag = f"{trainer}-{repeat + 1}"
+                result = run_worker(trainer, {**spec, "run_dir": str(workdir / "runs" / tag)}, tag)
+                summary = summarize_run(result, args.warmup)
+                runs[trainer].append(summary)
+                print(f"   {trainer}: {summary['tokens_per_s']:.1f} tokens/s wall, "
+                      f"{summary['tokens_per_cpu_s']:.1f} tokens/CPU-s, peak RSS {summary['peak_rss_mb']:.0f} MB",
+                      flush=True)
+    finally:
+        if temp is not None:
+            temp.cleanup()
+
+    best = {t: max(r, key=lambda s: s["tokens_per_s"]) for t, r in runs.items()}
+    for t, summary in best.items():
+        summary["runs"] = [{k: r[k] for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb", "timed_wall_s")}
+                           for r in runs[t]]
+        summary["peak_rss_mb_max_over_runs"] = max(r["peak_rss_mb"] for r in runs[t])
+
+    def ratio(a, b, key):
+        if a in best and b in best and best[b].get(key):
+            return best[a][key] / best[b][key]
+        return None
+
+    memory_key = "gpu_peak_mb" if args.device == "cuda" else "peak_rss_mb"
+    ratios = {
+        "throughput_vs_trl_live": ratio_entry("throughput_vs_trl_live", ratio("dpo_zoo", "trl_live", "tokens_per_s")),
+        "throughput_vs_trl_precompute": ratio_entry("throughput_vs_trl_precompute",
+                                                    ratio("dpo_zoo", "trl_precompute", "tokens_per_s")),
+        "peak_memory_vs_trl_live": ratio_entry("peak_memory_vs_trl_live", ratio("dpo_zoo", "trl_live", memory_key)),
+    }
+    extra_ratios = {
+        "cpu_throughput_vs_trl_live": ratio("dpo_zoo", "trl_live", "tokens_per_cpu_s"),
+        "cpu_throughput_vs_trl_precompute": ratio("dpo_zoo", "trl_precompute", "tokens_per_cpu_s"),
+        "training_peak_rss_vs_trl_live": ratio("dpo_zoo", "trl_live", "peak_rss_training_mb"),
+        "peak_rss_vs_trl_precompute": ratio("dpo_zoo", "trl_precompute", "peak_rss_mb"),
+    }
+    import platform
+
+    import torch
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for package in ("trl", "deepspeed", "accelerate", "datasets"):
+        try:
+            versions[package] = __import__(package).__version__
+        except Exception:  # a missing optional package only leaves its version out
+            versions[package] = None
+    figures = {
+        "what": "training throughput (input tokens/s over timed steps, wall clock) and peak RSS per trainer; see "
+                "bench/train_throughput.py's docstring",
+        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: v for k, v in spec.items() if k not in ("workdir", "prepared_dir", "prepared_path")},
+        "memory_ratio_uses": memory_key,
+        "prep": prep,
+        "trainers": best,
+        "ratios": ratios,
+        "other_ratios": {k: (round(v, 3) if v is not None else None) for k, v in extra_ratios.items()},
+        "like_for_like": like_for_like(best, args.threads),
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
+                    "versions": versions},
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    table = markdown(figures)
+    print()
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(figures, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0 if figures["like_for_like"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
