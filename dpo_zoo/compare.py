@@ -641,6 +641,13 @@ def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = Non
         check_tokenizer(subject, heldout)
     _unique_labels(subjects)
 
+    inputs = compare_inputs(cfg, subjects, heldout, loss_names)
+    if not c.overwrite and report_is_current(out_dir, inputs):
+        print((out_dir / "summary.md").read_text(encoding="utf-8"))
+        print(f"[dpo-zoo compare] {out_dir} already holds this comparison (same runs, held-out set and settings); "
+              "reusing it (set compare.overwrite=true to recompute)")
+        return json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+
     bases = BaseModels(cfg, device)
     results = {s.label: score_subject(s, cfg, heldout, listed=loss_names is not None, several=len(subjects) > 1,
                                       bases=bases, device=device, notes=notes)
@@ -670,10 +677,64 @@ def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = Non
         "config": as_dict(cfg),
     }
     summary["timings"]["total_seconds"] = time.perf_counter() - started
+    (out_dir / INPUTS_FILE).unlink(missing_ok=True)  # a report being rewritten is not current
     markdown = write_outputs(summary, tables, out_dir)
+    (out_dir / INPUTS_FILE).write_text(json.dumps(inputs, indent=1, default=str) + "\n", encoding="utf-8")
     print(markdown)
     print(f"[dpo-zoo compare] wrote {out_dir}: summary.md, summary.json, pairs.csv, pairs.parquet, report.html")
     return M.json_ready(summary)
+
+
+# Written last, once every report file is complete: what the report was computed from.
+INPUTS_FILE = "inputs.json"
+REPORT_FILES = ("summary.md", "summary.json", "pairs.csv", "pairs.parquet", "report.html")
+# Settings that do not change any number of the report.
+REPORT_ONLY_SETTINGS = ("output_dir", "progress", "overwrite")
+
+
+def _file_stats(folder: Path, skip: Sequence[str] = ()) -> List[Tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of every file under ``folder``: changes when any file is rewritten."""
+    out = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not (relative.parts and relative.parts[0] in skip):
+            stat = path.stat()
+            out.append((str(relative), stat.st_size, stat.st_mtime_ns))
+    return out
+
+
+def compare_inputs(cfg, subjects: Sequence[Subject], heldout, loss_names: Optional[List[str]]) -> Dict[str, Any]:
+    """Everything a comparison's numbers depend on: each subject's weights and record (files by size and
+    modification time) and its base model, the held-out set's manifest, the loss list, the settings
+    (less :data:`REPORT_ONLY_SETTINGS`) and the dpo_zoo version."""
+    from . import __version__
+
+    config = json.loads(json.dumps(as_dict(cfg), default=str))
+    for key in REPORT_ONLY_SETTINGS:
+        config["compare"].pop(key, None)
+    return {
+        "version": __version__,
+        "subjects": [
+            {"path": str(s.path.resolve()), "weights": _file_stats(s.weights_dir),
+             "run_record": s.run_record, "base_model": str(s.base_model), "base_files": _file_stats(s.base_model)}
+            for s in subjects
+        ],
+        "heldout": {"path": str(Path(heldout.path).resolve()), "manifest": heldout.manifest},
+        "losses": loss_names,
+        "config": config,
+    }
+
+
+def report_is_current(out_dir: Path, inputs: Dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds a complete report computed from exactly ``inputs``."""
+    marker = out_dir / INPUTS_FILE
+    if not marker.is_file() or not all((out_dir / name).is_file() for name in REPORT_FILES):
+        return False
+    try:
+        stored = json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return stored == json.loads(json.dumps(inputs, default=str))
 
 
 def score_subject(subject: Subject, cfg, heldout, *, listed: bool, several: bool, bases: BaseModels,

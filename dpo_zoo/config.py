@@ -160,6 +160,8 @@ class CompareConfig:
     kl_prompts: int = 32
     kl_max_new_tokens: int = 48
     progress: bool = True
+    # Recompute even when output_dir already holds this comparison (same runs, data and settings).
+    overwrite: bool = False
 
 
 @dataclass

@@ -473,18 +473,27 @@ def train(cfg) -> Path:
     run = setup_run(cfg)
     name, hparams = loss_hparams(cfg)
     loss = build_loss(name, **hparams)
+    train_set, heldout = open_prepared(cfg)
+    identity = training_identity(cfg, train_set)
     final_dir = run.output_dir / FINAL_DIR
-    if (run.output_dir / RUN_FILE).exists() and (final_dir).exists() and not cfg.train.overwrite:
+    if cfg.train.overwrite:
+        _clear_previous_run(run)
+    elif (run.output_dir / RUN_FILE).exists() and final_dir.exists():
         previous = json.loads((run.output_dir / RUN_FILE).read_text())
-        if previous.get("config") == as_dict(cfg):
+        changed = identity_changes(training_identity(previous["config"], previous["cache_key"]), identity)
+        if not changed:
             if run.is_main:
-                print(f"[dpo-zoo train] {run.output_dir} is already trained with this config; reusing it "
-                      "(set train.overwrite=true to train again)")
+                print(f"[dpo-zoo train] {run.output_dir} is already trained with this config and prepared set; "
+                      "reusing it (set train.overwrite=true to train again)")
             run.close()
             return final_dir
+        run.close()
+        raise TrainingError(
+            f"{run.output_dir} holds a finished run trained with a different {', '.join(changed)}; "
+            "set train.overwrite=true to replace it, or choose another train.output_dir"
+        )
 
     # ---- data and model
-    train_set, heldout = open_prepared(cfg)
     policy, tokenizer, model_path = load_policy(cfg, run)
     reference_mode = choose_reference(cfg, loss, train_set)
     preflight(cfg, loss, train_set, policy, tokenizer, model_path, reference_mode)
@@ -494,7 +503,7 @@ def train(cfg) -> Path:
     engine = build_engine(cfg, policy, run)
     reference = build_reference(cfg, engine.module, model_path, reference_mode, run)
     watch = GradientWatch(engine.module.parameters())
-    start_step = _resume(engine, run, cfg)
+    start_step = _resume(engine, run, cfg, identity)
     t = cfg.train
     max_steps = t.max_steps
     if t.epochs:
@@ -563,7 +572,7 @@ def train(cfg) -> Path:
         if heldout is not None and t.eval_every and done % t.eval_every == 0 and done < max_steps:
             run.log({"step": done, **evaluate(engine, loss, heldout, cfg, run, pad_id, reference)})
         if t.save_every and done % t.save_every == 0 and done < max_steps:
-            _save_checkpoint(engine, run, done)
+            _save_checkpoint(engine, run, done, identity)
     bar.close()
 
     # ---- evaluate and save
@@ -590,19 +599,75 @@ def _grad_norm(engine) -> float:
 # ==================================================================== checkpoints
 
 
+# Settings that change how a run is watched or where it starts, not what it computes: a finished run is
+# reused, and a checkpoint resumed, whatever their values.
+WATCH_ONLY_SETTINGS = ("progress", "log_every", "eval_every", "save_every", "overwrite", "resume")
+
+
+def training_identity(cfg: Any, train_set: Any) -> Dict[str, Any]:
+    """What a run's weights depend on: the resolved config (less :data:`WATCH_ONLY_SETTINGS`) and the
+    cache key of the prepared set it trains on. run.json records both (``config``, ``cache_key``);
+    every checkpoint stores the identity itself. ``cfg`` may be a config or an already resolved dict."""
+    config = json.loads(json.dumps(cfg if isinstance(cfg, dict) else as_dict(cfg), default=str))
+    for key in WATCH_ONLY_SETTINGS:
+        config.get("train", {}).pop(key, None)
+    key = train_set if isinstance(train_set, dict) else train_set.key
+    return {"config": config, "cache_key": key}
+
+
+def identity_changes(stored: Dict[str, Any], identity: Dict[str, Any]) -> List[str]:
+    """Dotted names of what differs between a stored identity and the current one, e.g.
+    ``["train.learning_rate", "prepared set (cache key: data)"]``; empty when they match."""
+    changes = []
+    old_config, new_config = stored.get("config", {}), identity["config"]
+    for section in sorted(set(old_config) | set(new_config)):
+        old, new = old_config.get(section), new_config.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            changes.append(section)
+    old_key, new_key = stored.get("cache_key") or {}, identity["cache_key"]
+    fields = sorted(k for k in set(old_key) | set(new_key) if old_key.get(k) != new_key.get(k))
+    if fields:
+        changes.append(f"prepared set (cache key: {', '.join(fields)})")
+    return changes
+
+
+def _clear_previous_run(run: Run) -> None:
+    """``train.overwrite=true``: drop the checkpoints, final weights and run.json of an earlier run in
+    this folder (its logs stay, and this run appends to them), so nothing is resumed or reused."""
+    import shutil
+
+    if run.is_main:
+        for path in (_checkpoint_root(run), run.output_dir / FINAL_DIR):
+            if path.exists():
+                shutil.rmtree(path)
+        (run.output_dir / RUN_FILE).unlink(missing_ok=True)
+    if run.world_size > 1:
+        torch.distributed.barrier()
+
+
 def _checkpoint_root(run: Run) -> Path:
     return run.output_dir / CHECKPOINT_DIR
 
 
-def _save_checkpoint(engine, run: Run, step: int) -> None:
-    engine.save_checkpoint(str(_checkpoint_root(run)), tag=f"step-{step:07d}", client_state={"step": step})
+def _save_checkpoint(engine, run: Run, step: int, identity: Dict[str, Any]) -> None:
+    engine.save_checkpoint(str(_checkpoint_root(run)), tag=f"step-{step:07d}",
+                           client_state={"step": step, "identity": identity})
 
 
-def _resume(engine, run: Run, cfg) -> int:
+def _resume(engine, run: Run, cfg, identity: Dict[str, Any]) -> int:
     root = _checkpoint_root(run)
     if not cfg.train.resume or not (root / "latest").exists():
         return 0
     _, client_state = engine.load_checkpoint(str(root))
+    changed = identity_changes(client_state.get("identity", {}), identity)
+    if changed:
+        raise TrainingError(
+            f"the checkpoint in {root} was made with a different {', '.join(changed)}: resuming from it would "
+            "not give the run this config asks for. Set train.overwrite=true to start over, train.resume=false "
+            "to ignore the checkpoint, or choose another train.output_dir"
+        )
     step = int(client_state["step"])
     if run.is_main:
         print(f"[dpo-zoo train] resumed from {root} at step {step}")

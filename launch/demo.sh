@@ -4,7 +4,7 @@
 #   2. prepare a VADER train / held-out split and cache SmolLM2's reference log-probs, once
 #   3. train dpo, sampo and tie_dpo with LoRA from that one cache
 #   4. compare them on the held-out pairs: table on stdout, report.html, summary.json, pairs.csv
-# Every stage reuses what an earlier run made: a second run only re-prints the comparison.
+# Every stage reuses what an earlier run made: a second run only re-prints the comparison table.
 #
 #   bash launch/demo.sh [key=value ...]      # overrides go to every stage, e.g. train.max_steps=400
 # DPO_ZOO_SKIP_SETUP=1 PYTHON=/path/to/python bash launch/demo.sh   uses that Python instead of .venv

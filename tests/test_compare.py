@@ -312,6 +312,46 @@ def test_losses_all_from_one_forward_pass(tiny_prepared, tiny_model_dir, tmp_pat
     assert [e["label"] for e in two["entries"]] == ["dpo", "ipo"]
 
 
+def test_an_unchanged_comparison_is_reused_and_a_changed_one_recomputed(tiny_prepared, tiny_model_dir, tmp_path,
+                                                                         capsys):
+    """A second compare of the same model, held-out set and settings runs no model and prints the same
+    table; new weights, or compare.overwrite=true, recompute it."""
+    import shutil
+
+    heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    base = list(tiny_prepared) + ["compare.kl_samples=0"]
+    forwards = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: forwards.append(1))
+
+    def compare(*extra):
+        forwards.clear()
+        summary = run_compare(load_config([], base + list(extra)), runs=[str(model)], data=str(heldout),
+                              losses="dpo,sampo", output_dir=str(tmp_path / "report"))
+        return summary, len(forwards), capsys.readouterr().out
+
+    try:
+        first, n_first, printed_first = compare()
+        html_stamp = (tmp_path / "report" / "report.html").stat().st_mtime_ns
+        second, n_second, printed_second = compare("compare.progress=false")  # display only: still reused
+        assert n_first > 0 and n_second == 0
+        assert "reusing it (set compare.overwrite=true to recompute)" in printed_second
+        assert (tmp_path / "report" / "summary.md").read_text() in printed_second
+        assert second["entries"] == json.loads(json.dumps(first["entries"], default=str))
+        assert (tmp_path / "report" / "report.html").stat().st_mtime_ns == html_stamp
+
+        _, n_overwrite, printed = compare("compare.overwrite=true")
+        assert n_overwrite > 0 and "reusing" not in printed
+        (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())  # rewritten weights
+        _, n_changed, printed = compare()
+        assert n_changed > 0 and "reusing" not in printed
+        _, n_other_batch, _ = compare("compare.batch_size=3")  # a setting of the comparison changed
+        assert n_other_batch > 0
+    finally:
+        handle.remove()
+
+
 def test_tokenizer_mismatch_is_refused(tiny_prepared, tiny_model_dir, tmp_path, capsys):
     heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
     cfg = load_config([], list(tiny_prepared) + ["compare.kl_samples=0"])

@@ -89,7 +89,7 @@ def test_readme_prep_train_compare(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_script_end_to_end(tiny_model_dir, tmp_path):
     """launch/demo.sh (what `make demo` runs after set-up) on the tiny model: prep, three trainings,
-    compare; a second run reuses the cache and the trained runs."""
+    compare; a second run reuses the cache, the trained runs and the report."""
     reduced = [
         f"model.name_or_path={tiny_model_dir}", "data.max_train_pairs=16", "data.max_heldout_pairs=8",
         f"prep.output_dir={tmp_path / 'prepared'}", "prep.progress=false",
@@ -106,6 +106,7 @@ def test_demo_script_end_to_end(tiny_model_dir, tmp_path):
     second = subprocess.run(["bash", "launch/demo.sh", *reduced], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "cache hit" in second.stdout and second.stdout.count("already trained") == 3
+    assert "already holds this comparison" in second.stdout and "| dpo | dpo | cache |" in second.stdout
 
 
 def test_launch_scripts_parse_and_fail_clearly(tmp_path):

@@ -5,6 +5,7 @@ on the CPU, so equalities are exact up to float reassociation.
 """
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -128,6 +129,33 @@ def test_finished_run_is_reused_not_retrained(tiny_prepared, tmp_path):
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp
     run_training(tiny_prepared, tmp_path / "r", "train.overwrite=true")
     assert (final / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_finished_run_with_other_settings_is_refused_not_silently_replaced(tiny_prepared, tmp_path):
+    final = run_training(tiny_prepared, tmp_path / "r", "train.max_steps=2")
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    # How a run is watched does not matter: it is still the same run.
+    run_training(tiny_prepared, tmp_path / "r", "train.max_steps=2", "train.log_every=2", "train.progress=false")
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(TrainingError, match=r"different train\.learning_rate; set train\.overwrite=true"):
+        run_training(tiny_prepared, tmp_path / "r", "train.max_steps=2", "train.learning_rate=0.5")
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_checkpoint_of_other_settings_is_not_resumed_and_overwrite_starts_over(tiny_prepared, tmp_path):
+    out = tmp_path / "r"
+    common = ["train.save_every=1", "train.max_steps=3"]
+    run_training(tiny_prepared, out, *common)
+    shutil.rmtree(out / "final")  # as if killed after its last checkpoint
+    (out / "run.json").unlink()
+    with pytest.raises(TrainingError, match=r"checkpoint .* different loss\.beta, train\.max_steps"):
+        run_training(tiny_prepared, out, "train.save_every=1", "train.max_steps=4", "loss.beta=0.5")
+    run_training(tiny_prepared, out, "train.save_every=1", "train.max_steps=4", "loss.beta=0.5", "train.overwrite=true")
+    events = [json.loads(line) for line in open(out / "logs.jsonl")]
+    assert not any(r.get("event") == "resume" for r in events)
+    starts = [r for r in events if r.get("event") == "start"]
+    assert starts[-1]["step"] == 0  # trained from the start, not from the old checkpoint
+    assert [r["step"] for r in events if "loss" in r][-4:] == [1, 2, 3, 4]
 
 
 def test_resume_after_kill_gives_the_same_weights(tiny_prepared, tmp_path):
