@@ -19,6 +19,9 @@ else
   PY=.venv/bin/python
 fi
 
+# One resolved setting of the demo config (with the same overrides), e.g. `setting prep.output_dir "$@"`.
+setting() { "$PY" -c 'import sys; from dpo_zoo.config import load_config; from omegaconf import OmegaConf; print(OmegaConf.select(load_config([sys.argv[2]], sys.argv[3:]), sys.argv[1]))' "$1" "$CONFIG" "${@:2}"; }
+
 started=$(date +%s)
 echo "== 1/3 prepare (reference cache) =="
 "$PY" -m dpo_zoo.cli prep "$CONFIG" "$@"
@@ -26,9 +29,11 @@ echo "== 2/3 train: $LOSSES =="
 runs=()
 for loss in $LOSSES; do
   "$PY" -m dpo_zoo.cli train "$CONFIG" "loss=$loss" "$@"
-  runs+=("$("$PY" -c 'import sys; from dpo_zoo.config import load_config; print(load_config([sys.argv[1]], sys.argv[2:]).train.output_dir)' "$CONFIG" "loss=$loss" "$@")")
+  runs+=("$(setting train.output_dir "loss=$loss" "$@")")
 done
 echo "== 3/3 compare =="
-heldout="$("$PY" -c 'import sys; from dpo_zoo.config import load_config; print(load_config([sys.argv[1]], sys.argv[2:]).prep.output_dir)' "$CONFIG" "$@")/heldout"
+heldout="$(setting prep.output_dir "$@")/heldout"
 "$PY" -m dpo_zoo.cli compare "${runs[@]}" --data "$heldout" --config "$CONFIG" "$@"
+report_dir="$(setting compare.output_dir "$@")"
 echo "demo finished in $(( $(date +%s) - started )) s (set-up excluded)"
+echo "report: $(cd "$report_dir" && pwd)/report.html"

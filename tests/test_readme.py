@@ -103,6 +103,7 @@ def test_demo_script_end_to_end(tiny_model_dir, tmp_path):
     for loss in ("dpo", "sampo", "tie_dpo"):
         assert (tmp_path / "runs" / loss / "final" / "adapter_model.safetensors").exists()
     assert (tmp_path / "report" / "report.html").exists()
+    assert first.stdout.rstrip().endswith(f"report: {tmp_path / 'report' / 'report.html'}")
     second = subprocess.run(["bash", "launch/demo.sh", *reduced], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "cache hit" in second.stdout and second.stdout.count("already trained") == 3
