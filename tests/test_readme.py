@@ -138,3 +138,10 @@ def test_readme_loss_example_registers_and_computes():
         assert out.losses.item() == pytest.approx(0.3132616875182228, rel=1e-6)
     finally:
         base._REGISTRY.pop("margin_dpo", None)
+
+
+def test_readme_counts_the_registry_right():
+    from dpo_zoo.losses import registered_losses
+
+    claimed = re.search(r"(\d+) registered names", README)
+    assert claimed and int(claimed.group(1)) == len(registered_losses())
