@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dpo_zoo.config import REPO_ROOT, ConfigError, find_loss_preset, load_config, loss_hparams, read_yaml
-from dpo_zoo.losses import registered_losses
+from dpo_zoo.losses import build_loss, registered_losses
 
 ALL_YAML = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 
@@ -25,6 +25,7 @@ def test_every_shipped_yaml_loads(path: Path):
         for key, value in preset.items():
             if key != "name":
                 assert hparams[key] == value, f"{path}: {key}"
+        build_loss(name, **hparams)  # the values themselves are valid for the loss
     else:
         cfg = load_config([path])
         assert cfg.loss.name in registered_losses()
