@@ -477,9 +477,64 @@ def compute_loss(name: str, **tensors_and_hparams: Any) -> LossOutput:
     tensors = {k: v for k, v in tensors_and_hparams.items() if k in batch_fields}
     hparams = {k: v for k, v in tensors_and_hparams.items() if k not in batch_fields}
     loss = build_loss(name, **hparams)
-    batch = PairBatch(**tensors)
+    batch = PairBatch(**_as_tensors(tensors))
+    check_shapes(batch)
     check_inputs(loss, batch)
     return loss(batch)
+
+
+# Inputs that are not tensors: everything else given as a list, a NumPy array or a number is converted.
+_NOT_TENSORS = ("generator", "seed")
+
+
+def _as_tensors(values: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if key in _NOT_TENSORS or value is None or isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        try:
+            out[key] = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise LossInputError(f"`{key}`: expected a tensor (or a list / array of numbers), got "
+                                 f"{type(value).__name__} ({err})") from None
+    return out
+
+
+def check_shapes(batch: PairBatch) -> None:
+    """Raise a :class:`LossInputError` naming the tensors whose shapes disagree: every tensor has the
+    pair dimension ``B`` first; pair-level values are ``[B]``; per-token values, labels and masks of a
+    side share ``[B, T]``; vocabulary and top-k tensors are ``[B, T, ·]`` of their side."""
+    shapes = {name: tuple(getattr(batch, name).shape) for name in PairBatch.field_names()
+              if name not in _NOT_TENSORS and isinstance(getattr(batch, name), torch.Tensor)}
+    if not shapes:
+        return
+    first = next(iter(shapes))
+    if any(len(shape) == 0 for shape in shapes.values()):
+        scalar = next(n for n, shape in shapes.items() if len(shape) == 0)
+        raise LossInputError(f"`{scalar}` is a scalar; every input has the pair dimension first ([B] or [B, ...])")
+    pairs = shapes[first][0]
+    for name, shape in shapes.items():
+        if shape[0] != pairs:
+            raise LossInputError(f"`{name}` has {shape[0]} pairs (shape {list(shape)}) but `{first}` has {pairs} "
+                                 f"(shape {list(shapes[first])}); all inputs describe the same B pairs")
+        per_token = "token_logps" in name or name.endswith(("_mask", "_labels")) or "_topk_" in name \
+            or "_vocab_" in name or name.endswith("_rest_logmass")
+        expected_dims = 3 if ("_vocab_" in name or "_topk_" in name) else 2 if per_token else 1
+        if len(shape) != expected_dims:
+            raise LossInputError(f"`{name}` has shape {list(shape)}; expected {expected_dims} dimensions "
+                                 f"({'[B]' if expected_dims == 1 else '[B, T]' if expected_dims == 2 else '[B, T, V or k]'})")
+    for side in ("chosen", "rejected"):
+        side_shapes = {n: shape[:2] for n, shape in shapes.items() if f"_{side}_" in f"_{n}_" and len(shape) >= 2}
+        if len(set(side_shapes.values())) > 1:
+            listing = ", ".join(f"`{n}` {list(shapes[n])}" for n in side_shapes)
+            raise LossInputError(f"the {side} side's per-token inputs disagree on [B, T]: {listing}")
+        for kind, names in (("vocabulary", (f"policy_{side}_vocab_logps", f"reference_{side}_vocab_logps")),
+                            ("top-k", (f"reference_{side}_topk_logps", f"reference_{side}_topk_ids"))):
+            present = [n for n in names if n in shapes]
+            if len({shapes[n] for n in present}) > 1:
+                listing = ", ".join(f"`{n}` {list(shapes[n])}" for n in present)
+                raise LossInputError(f"the {side} side's {kind} inputs disagree in shape: {listing}")
 
 
 def describe_needs(entry: RegisteredLoss) -> List[str]:

@@ -14,7 +14,8 @@ policy logits tensor and one reference logits tensor, so gradients can be traced
 import pytest
 import torch
 
-from dpo_zoo.losses import NEED_FIELDS, LossInputError, Need, PairBatch, build_loss, check_inputs, registered_losses
+from dpo_zoo.losses import NEED_FIELDS, LossInputError, Need, PairBatch, build_loss, check_inputs, compute_loss, registered_losses
+from dpo_zoo.losses.base import check_shapes
 
 NAMES = sorted(registered_losses())
 
@@ -175,3 +176,42 @@ def test_reduces_to_dpo(name):
     got = loss(PairBatch(**tensors))
     torch.testing.assert_close(got.losses, expected.losses, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got.chosen_rewards - got.rejected_rewards, expected.chosen_rewards - expected.rejected_rewards, rtol=1e-9, atol=1e-12)
+
+
+def test_complete_inputs_pass_the_shape_check():
+    _, tensors = make_inputs()
+    check_shapes(PairBatch(**tensors))
+
+
+@pytest.mark.parametrize(
+    "field, bad, words",
+    [
+        ("policy_rejected_logps", lambda t: t[:-1], ["`policy_rejected_logps` has", "pairs"]),
+        ("reference_chosen_logps", lambda t: t.unsqueeze(-1), ["`reference_chosen_logps`", "expected 1 dimensions"]),
+        ("chosen_mask", lambda t: torch.cat([t, t[:, :1]], 1), ["chosen side", "`chosen_mask`"]),
+        ("reference_rejected_vocab_logps", lambda t: t[..., :-1], ["rejected side's vocabulary", "reference_rejected_vocab_logps"]),
+        ("is_tie", lambda t: t[0], ["`is_tie` is a scalar"]),
+    ],
+)
+def test_inconsistent_shapes_are_named(field, bad, words):
+    """Through the functional entry point a shape mistake is a LossInputError naming the tensors,
+    not a broadcasting error from inside the loss (or, worse, a silently broadcast result)."""
+    _, tensors = make_inputs()
+    tensors = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
+    tensors[field] = bad(tensors[field])
+    with pytest.raises(LossInputError) as info:
+        compute_loss("dpo", **tensors)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_plain_lists_are_accepted_as_tensors():
+    as_lists = dict(policy_chosen_logps=[-1.0, -2.0], policy_rejected_logps=[-1.5, -1.0],
+                    reference_chosen_logps=[-1.2, -2.0], reference_rejected_logps=[-1.2, -1.2])
+    from_lists = compute_loss("dpo", **as_lists)
+    from_tensors = compute_loss("dpo", **{k: torch.tensor(v) for k, v in as_lists.items()})
+    torch.testing.assert_close(from_lists.losses, from_tensors.losses)
+    # by hand: h = (−1 − (−1.2)) − (−1.5 − (−1.2)) = 0.5; −log σ(0.1·0.5) = log(1 + e^−0.05) = 0.6684596
+    assert from_lists.losses[0].item() == pytest.approx(0.6684596, abs=1e-6)
+    with pytest.raises(LossInputError, match="`policy_chosen_logps`: expected a tensor"):
+        compute_loss("dpo", **{**as_lists, "policy_chosen_logps": "not numbers"})
