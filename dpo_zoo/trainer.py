@@ -469,11 +469,11 @@ def train(cfg) -> Path:
     """Train ``cfg.loss`` on the prepared set of ``cfg.prep.output_dir``; returns the final model folder."""
     from tqdm.auto import tqdm
 
-    # ---- setup
-    run = setup_run(cfg)
+    # ---- setup (the prepared set first: a missing one is reported before any process group starts)
+    train_set, heldout = open_prepared(cfg)
     name, hparams = loss_hparams(cfg)
     loss = build_loss(name, **hparams)
-    train_set, heldout = open_prepared(cfg)
+    run = setup_run(cfg)
     identity = training_identity(cfg, train_set)
     final_dir = run.output_dir / FINAL_DIR
     if cfg.train.overwrite:
