@@ -17,6 +17,7 @@ One experiment file serves every command (``dpo-zoo prep X.yaml``, ``dpo-zoo tra
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -296,7 +297,10 @@ def load_config(
             try:
                 OmegaConf.update(cfg, key, value, merge=True, force_add=False)
             except OmegaConfBaseException as err:
-                errors.append(f"{source}: `{key}`: {_omegaconf_message(err)}")
+                if re.search(r"Key '[^']*' not in '", str(err)):  # an unknown key: say so, and what was meant
+                    errors.append(f"{source}: `{key}`: unknown key{_key_hint(cfg, key)}")
+                else:
+                    errors.append(f"{source}: `{key}`: {_omegaconf_message(err)}")
 
     loss_section = _resolve_loss_section(loss_entries, errors)
     if loss_section is not None:
@@ -312,6 +316,41 @@ def load_config(
         raise ConfigError(errors)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+# Where every key is listed with its default and a comment.
+CONFIG_DOC = "dpo_zoo/config.py"
+
+# Names users bring from TRL / transformers' TrainingArguments, and where dpo_zoo keeps them.
+KEY_ALIASES = {
+    "lr": "train.learning_rate",
+    "learning_rate": "train.learning_rate",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "gradient_accumulation": "train.gradient_accumulation_steps",
+    "num_train_epochs": "train.epochs",
+    "warmup": "train.warmup_steps",
+    "lr_scheduler_type": "train.lr_schedule",
+    "bf16": "train.precision",
+    "beta": "loss.beta",
+    "loss_type": "loss",
+    "max_prompt_length": "prep.max_prompt_length",
+    "max_length": "prep.max_length",
+    "precompute_ref_log_probs": "train.reference",
+}
+
+
+def _key_hint(cfg: DictConfig, key: str) -> str:
+    """``; did you mean `train.learning_rate`?`` for an unknown dotted key: a known alias of its last
+    part, else the closest known keys by spelling."""
+    import difflib
+
+    known = [dotted for dotted, _ in _flatten(OmegaConf.to_container(cfg, resolve=False))]
+    last = key.split(".")[-1]
+    if last in KEY_ALIASES and KEY_ALIASES[last] != key:
+        return f"; did you mean `{KEY_ALIASES[last]}`?"
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
+    return f"; did you mean {' or '.join(f'`{k}`' for k in close)}?" if close else f" (known keys: see {CONFIG_DOC})"
 
 
 def _omegaconf_message(err: Exception) -> str:

@@ -60,6 +60,19 @@ def test_unknown_key_in_a_yaml_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config([path])
     assert str(path) in info.value.errors[0] and "train.learnin_rate" in info.value.errors[0]
+    assert info.value.errors[0].endswith("unknown key; did you mean `train.learning_rate`?")
+
+
+@pytest.mark.parametrize("override, meant", [
+    ("train.lr=1e-5", "train.learning_rate"),  # TRL / TrainingArguments names
+    ("per_device_train_batch_size=4", "train.micro_batch_size"),
+    ("beta=0.2", "loss.beta"),
+    ("prep.max_lenght=256", "prep.max_length"),  # a misspelling
+])
+def test_unknown_key_suggests_the_key_meant(override, meant):
+    with pytest.raises(ConfigError) as info:
+        load_config([], [override])
+    assert info.value.errors[0].endswith(f"did you mean `{meant}`?") or f"`{meant}` or" in info.value.errors[0]
 
 
 def test_loss_section_as_mapping_and_selection_order(tmp_path):
