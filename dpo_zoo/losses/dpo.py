@@ -33,7 +33,7 @@ def check_beta(beta: float) -> None:
 
 @dataclass
 class DPOConfig:
-    """``beta`` (β, default 0.1 as in TRL and SamPO App. C); ``label_smoothing`` (ε ∈ [0, 0.5), cDPO,
+    """``beta`` (β, default 0.1 as in TRL and SamPO App. C); ``label_smoothing`` (ε ∈ [0, 0.5], cDPO,
     default 0 = DPO)."""
 
     beta: float = 0.1
@@ -41,8 +41,8 @@ class DPOConfig:
 
     def __post_init__(self):
         check_beta(self.beta)
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
 
 
 @register_loss("dpo")

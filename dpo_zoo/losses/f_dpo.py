@@ -67,8 +67,9 @@ class FDPOConfig:
     * ``beta`` (β) = 0.1. The official configs have no default (``beta: ???``); 0.1 follows DPO/TRL.
     * ``divergence`` ∈ {reverse_kl, forward_kl, js, alpha} = ``reverse_kl`` (= DPO). ``jsd`` and
       ``alpha_divergence`` (the official spellings) are accepted and stored as ``js`` / ``alpha``.
-    * ``alpha`` (α) = 0.5, the *paper's* convention, ``0 < α < 1`` as the official code asserts; read
-      only by ``alpha``. TRL ≥ 0.29 uses ``α_TRL = 1 − α``; TRL 0.9.6–0.28 uses the paper's α.
+    * ``alpha`` (α) = 0.5, the *paper's* convention, ``0 < α ≤ 1``; read only by ``alpha``. The
+      official code asserts ``0 < α < 1``; α = 1 is accepted here because it is exactly forward KL
+      (the spec asks for that to be testable). TRL ≥ 0.29 uses ``α_TRL = 1 − α``; TRL 0.9.6–0.28 uses the paper's α.
     * ``exp_cap`` = 50.0: the largest exponent evaluated exactly (forward KL and α-divergence compute
       ``e^{−αℓ}``, which overflows fp32 at ``−αℓ ≈ 88.7`` although summed log-ratios reach hundreds).
       Past the cap the exponential continues along its tangent (:func:`capped_expm1`). With 50,
@@ -93,10 +94,10 @@ class FDPOConfig:
                 f"divergence must be one of {', '.join(DIVERGENCES)} (or the aliases "
                 f"{', '.join(DIVERGENCE_ALIASES)}), got {self.divergence!r}"
             )
-        if not 0.0 < self.alpha < 1.0:
+        if not 0.0 < self.alpha <= 1.0:
             raise ValueError(
-                f"alpha must be in (0, 1) (paper convention; alpha→0 is reverse KL, use "
-                f"divergence='forward_kl' for alpha=1), got {self.alpha}"
+                f"alpha must be in (0, 1] (paper convention; alpha→0 is reverse KL, alpha=1 is forward KL), "
+                f"got {self.alpha}"
             )
         if not (0.0 < self.exp_cap <= 88.0):
             raise ValueError(f"exp_cap must be in (0, 88] (e^88.7 overflows fp32), got {self.exp_cap}")
@@ -116,7 +117,7 @@ class FDPOLoss(Loss):
     * reverse_kl: ``f'(u) = log u + 1``, used as ``ℓ`` (= DPO);
     * forward_kl: ``f'(u) = −1/u``, used as ``1 − e^{−ℓ}``;
     * js: ``f'(u) = log(2u/(1+u))``, used as ``log 2 + log σ(ℓ)``;
-    * alpha (0 < α < 1): ``f'(u) = (1 − u^{−α})/α``, used as ``(1 − e^{−αℓ})/α``.
+    * alpha (0 < α ≤ 1): ``f'(u) = (1 − u^{−α})/α``, used as ``(1 − e^{−αℓ})/α``.
 
     Constants cancel in the loss; α → 0 recovers reverse KL and α = 1 gives forward KL.
     Rewards ``β (f'(u) − f'(1))`` (detached): 0 when π_θ = π_ref and exactly DPO's ``β ℓ`` for reverse

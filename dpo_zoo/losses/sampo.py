@@ -210,12 +210,14 @@ class DPOSANormLoss(Loss):
         beta = self.config.beta
         masks, logps = token_inputs(batch, f"loss '{self.name or 'dpo_sanorm'}'")
         lengths = {side: masks[side].sum(-1) for side in SIDES}
-        mean_length = (lengths["chosen"] + lengths["rejected"]) / 2.0
         rewards = {}
         for side in SIDES:
             ratio = selected_sum(logps["policy", side], masks[side]) - selected_sum(
                 logps["reference", side], masks[side]
             )
-            scale = (mean_length / lengths[side].clamp(min=1)).to(ratio.dtype)
+            # In the log-probs' precision: integer lengths divided in torch's default float32 would cost
+            # float64 inputs ~1e-8 relative on every reward.
+            mean_length = (lengths["chosen"] + lengths["rejected"]).to(ratio.dtype) / 2.0
+            scale = mean_length / lengths[side].clamp(min=1).to(ratio.dtype)
             rewards[side] = beta * torch.where(lengths[side] > 0, scale * ratio, torch.zeros_like(ratio))
         return pair_output(rewards["chosen"], rewards["rejected"], {})

@@ -46,7 +46,22 @@ def davidson_log_probs(d: torch.Tensor, nu: float) -> OutcomeLogProbs:
     log_two_nu = math.log(2.0 * nu) if nu > 0 else -math.inf
     half = 0.5 * d
     log_norm = torch.logsumexp(torch.stack([half, -half, torch.full_like(d, log_two_nu)]), dim=0)
-    return half - log_norm, log_two_nu - log_norm, -half - log_norm
+    # When one outcome is nearly certain, ``±d/2 − log Z`` cancels two large terms and loses the
+    # small remainder; there the outcome's −log p = log(1 + e^{a} + e^{b}) with a, b < 0 is taken
+    # with log1p instead (a, b clamped so the branch not taken stays finite for autograd).
+    tie_term = log_two_nu - half  # log(2ν e^{−d/2}), the tie term relative to the win's numerator
+    log_win = torch.where(
+        (d > 0) & (tie_term < 0), -_log1p_exp_sum(-d, tie_term), half - log_norm
+    )
+    log_lose = torch.where(
+        (d < 0) & (log_two_nu + half < 0), -_log1p_exp_sum(d, log_two_nu + half), -half - log_norm
+    )
+    return log_win, log_two_nu - log_norm, log_lose
+
+
+def _log1p_exp_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(1 + e^a + e^b)`` for ``a, b ≤ 0``, accurate when the result is tiny."""
+    return torch.log1p(torch.exp(a.clamp(max=0.0)) + torch.exp(b.clamp(max=0.0)))
 
 
 def bradley_terry_log_probs(d: torch.Tensor) -> OutcomeLogProbs:

@@ -163,8 +163,8 @@ def test_alpha_to_zero_recovers_reverse_kl():
 
 
 def test_alpha_one_gives_forward_kl():
-    """α = 1 in the α-divergence's f' is forward KL's 1 − 1/u: exactly by the formula, and as the limit
-    α → 1 within the allowed range (0, 1)."""
+    """α = 1 in the α-divergence's f' is forward KL's 1 − 1/u: exactly by the formula, at α = 1 itself,
+    and as the limit α → 1."""
     ratio = torch.tensor([-3.0, -0.5, 0.0, 2.0], dtype=torch.float64)
     torch.testing.assert_close(
         f_prime_shifted(ratio, "alpha", 1.0, 50.0), f_prime_shifted(ratio, "forward_kl", 0.5, 50.0)
@@ -173,6 +173,9 @@ def test_alpha_one_gives_forward_kl():
     forward = compute_loss("f_dpo_forward_kl", **batch).losses
     near_one = compute_loss("f_dpo_alpha", **batch, alpha=1.0 - 1e-9).losses
     torch.testing.assert_close(near_one, forward, rtol=1e-7, atol=0.0)
+    at_one = compute_loss("f_dpo_alpha", **batch, alpha=1.0)
+    torch.testing.assert_close(at_one.losses, forward, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(at_one.chosen_rewards, compute_loss("f_dpo_forward_kl", **batch).chosen_rewards)
 
 
 @pytest.mark.parametrize("alpha_paper", ALPHAS)
@@ -327,7 +330,7 @@ def test_official_spellings_are_aliases():
     [
         {"divergence": "chi2"},
         {"alpha": 0.0},
-        {"alpha": 1.0},
+        {"alpha": 1.0 + 1e-9},
         {"alpha": -0.3},
         {"beta": 0.0},
         {"exp_cap": 100.0},

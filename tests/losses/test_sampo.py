@@ -323,3 +323,20 @@ def test_64_pairs_by_512_tokens_runs_fast():
     elapsed = time.perf_counter() - start
     assert torch.isfinite(out.losses).all() and out.losses.shape == (64,)
     assert elapsed < 2.0, f"took {elapsed:.3f} s"
+
+
+def test_dpo_sanorm_is_exact_in_float64():
+    """T_w = 7, T_l = 10, per-token log-ratios 30 and 25: r_w = (17/2)(1/7)(7·30) = 255 and
+    r_l = (17/2)(1/10)(10·25) = 212.5 exactly (β = 1); the length factor is taken in float64 too."""
+    T = 10
+    chosen_mask = torch.zeros(1, T, dtype=torch.float64)
+    chosen_mask[0, :7] = 1
+    rejected_mask = torch.ones(1, T, dtype=torch.float64)
+    out = compute_loss(
+        "dpo_sanorm", beta=1.0, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
+        policy_chosen_token_logps=30.0 * chosen_mask, reference_chosen_token_logps=torch.zeros(1, T, dtype=torch.float64),
+        policy_rejected_token_logps=25.0 * rejected_mask, reference_rejected_token_logps=torch.zeros(1, T, dtype=torch.float64),
+    )
+    assert out.chosen_rewards.item() == pytest.approx(255.0, rel=1e-14)  # float32 lengths gave 1.4e-8
+    assert out.rejected_rewards.item() == pytest.approx(212.5, rel=1e-14)
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-42.5)), rel=1e-12)

@@ -353,3 +353,20 @@ def test_registry_names_needs_and_defaults():
 def test_invalid_hyperparameters_are_rejected(hparams):
     with pytest.raises(LossConfigError):
         build_loss("tie_dpo", **hparams)
+
+
+@pytest.mark.parametrize("d, nu", [(61.766, 0.3), (80.0, 1.0), (-80.0, 1.0), (40.0, 1.0), (-40.0, 2.0)])
+def test_davidson_keeps_relative_precision_when_an_outcome_is_nearly_certain(d, nu):
+    """−log p_win = log(1 + e^{−d} + 2ν e^{−d/2}) by hand (log1p), to 1e-9 relative even when it is
+    ~1e-14: the symmetric ``d/2 − log Z`` form alone cancels two large terms there."""
+    pair = dict(policy_chosen_logps=torch.tensor([d], dtype=F64), policy_rejected_logps=torch.zeros(1, dtype=F64),
+                reference_chosen_logps=torch.zeros(1, dtype=F64), reference_rejected_logps=torch.zeros(1, dtype=F64))
+    out = compute_loss("dpo_davidson", **pair, is_tie=torch.tensor([False]), beta=1.0, nu_d=nu)
+    exact = math.log1p(math.exp(-d) + 2 * nu * math.exp(-d / 2)) if d > 0 else -d + math.log1p(math.exp(d) + 2 * nu * math.exp(d / 2))
+    assert out.losses.item() == pytest.approx(exact, rel=1e-9, abs=0.0)
+    swapped = compute_loss("dpo_davidson", **{**pair, "policy_chosen_logps": pair["policy_rejected_logps"],
+                                             "policy_rejected_logps": pair["policy_chosen_logps"]},
+                           is_tie=torch.tensor([False]), beta=1.0, nu_d=nu)
+    p_win, p_lose = math.exp(-out.losses.item()), math.exp(-swapped.losses.item())  # p_lose(d) = p_win(−d)
+    p_tie = 2 * nu * math.sqrt(p_win * p_lose)  # Davidson: the tie is 2ν × the geometric mean
+    assert p_win + p_tie + p_lose == pytest.approx(1.0, abs=1e-12)
