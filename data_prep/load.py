@@ -19,7 +19,7 @@ from dpo_zoo.errors import DataError
 
 from . import hh_rlhf, ultrafeedback
 from .drops import DUPLICATE_ID, BadRow, DropReport, RowPolicy
-from .normalize import PAIR_FIELDS, Row, check_columns, generic_pair, heldout_by_hash
+from .normalize import PAIR_FIELDS, Row, check_columns, check_encodable, generic_pair, heldout_by_hash
 from .readers import open_rows
 from .schema import PreferencePair
 from .vader import load_vader
@@ -118,7 +118,9 @@ def read_pairs(
     """Every valid pair of one input, in file order, and the files read."""
     source = open_rows(path, role=role, split=options.get(f"{role}_split"))
     if source.column_names is not None:
-        missing = [c for c in pre.required if columns.get(c, c) not in source.column_names]
+        # Required fields, and every column data.columns names explicitly, must exist in a columnar file.
+        wanted = list(pre.required) + [c for c in columns if c not in pre.required]
+        missing = [c for c in wanted if columns.get(c, c) not in source.column_names]
         if missing:
             named = ", ".join(f"'{columns.get(c, c)}'" + (f" (as {c})" if c in columns else "") for c in missing)
             raise DataError(
@@ -136,6 +138,7 @@ def read_pairs(
             continue
         row = Row(raw, columns)
         try:
+            check_encodable(raw)
             pair = pre.convert(row, file=source.name, row_index=row_index, stem=source.stem, **kwargs)
         except BadRow as bad:
             policy.bad_row(source.name, row_index, bad)
@@ -246,5 +249,8 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
     if not train:
         where = train_path or "the VADER data"
         raise DataError(f"{where}: no training pairs left.\n{drops.summary()}")
+    if heldout_path and not stats["heldout_pairs_before_cap"]:
+        raise DataError(f"{heldout_path}: no held-out pairs left (data.heldout_path names this file; set it to null "
+                        f"to split the held-out pairs off the training data).\n{drops.summary()}")
     stats["train_pairs"], stats["heldout_pairs"] = len(train), len(heldout)
     return LoadedSplits(train, heldout, drops, list(sources), fingerprint(train, heldout), stats)

@@ -34,7 +34,10 @@ from .drops import (
     IDENTICAL,
     MISSING_FIELD,
     MIXED_FORMATS,
+    NO_SHARED_PROMPT,
+    NOT_A_COMPLETION,
     NOT_TEXT,
+    UNDECODABLE,
     BadRow,
     describe,
 )
@@ -63,9 +66,15 @@ class Row:
         return source if source == name else f"{source} (as {name})"
 
     def has(self, name: str) -> bool:
-        return self.source_name(name) in self.values
+        present = self.source_name(name) in self.values
+        if not present and name in self.columns:
+            # The user named this column explicitly: its absence is an error, not "field not given".
+            raise BadRow(MISSING_FIELD, self.label(name), f"column named by data.columns.{name} is missing")
+        return present
 
     def get(self, name: str, default: Any = None) -> Any:
+        if name in self.columns:
+            self.has(name)
         return self.values.get(self.source_name(name), default)
 
     def require(self, name: str) -> Any:
@@ -92,6 +101,24 @@ def check_columns(columns: Mapping[str, str], allowed: Sequence[str], preprocess
 
 
 # ==================================================================== text values
+
+
+def check_encodable(values: Any, field: Optional[str] = None) -> None:
+    """A string that cannot be written as UTF-8 (a lone surrogate, from a ``\\ud800`` escape in JSON)
+    is undecodable text; raise :class:`BadRow` naming the field."""
+    if isinstance(values, str):
+        try:
+            values.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadRow(UNDECODABLE, field, f"not valid Unicode text: {values[err.start]!r} at character "
+                         f"{err.start} (a lone surrogate)") from None
+    elif isinstance(values, Mapping):
+        for key, value in values.items():
+            check_encodable(value, str(key) if field is None else field)
+            check_encodable(key, field)
+    elif isinstance(values, (list, tuple)):
+        for value in values:
+            check_encodable(value, field)
 
 
 def as_text(value: Any, field: str, *, allow_empty_list: bool = False) -> Text:
@@ -170,11 +197,17 @@ def parse_tie(value: Any, field: str) -> bool:
     raise BadRow(BAD_VALUE, field, f"expected true/false (or 0/1), got {describe(value)}")
 
 
+# Weights are stored as float32: anything larger would become inf in the cache.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def parse_weight(value: Any, field: str) -> float:
     if value is None:
         return 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise BadRow(BAD_VALUE, field, f"expected a finite number >= 0, got {describe(value)}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or value > FLOAT32_MAX):
+        raise BadRow(BAD_VALUE, field, f"expected a finite number >= 0 (at most {FLOAT32_MAX:.4g}, float32), "
+                                       f"got {describe(value)}")
     return float(value)
 
 
@@ -229,6 +262,17 @@ def make_pair(
     implicit = prompt is None
     if implicit:
         prompt, chosen, rejected = split_implicit(chosen, rejected)
+        if is_blank(prompt):
+            raise BadRow(NO_SHARED_PROMPT, rejected_field,
+                         f"{chosen_field} and {rejected_field} share no prompt (no common beginning to split off); "
+                         "give the prompt in its own column")
+    if conversational:
+        for name, completion in ((chosen_field, chosen), (rejected_field, rejected)):
+            roles = [m["role"] for m in completion]
+            if roles and (roles[0] != "assistant" or "user" in roles):
+                raise BadRow(NOT_A_COMPLETION, name,
+                             f"a completion is the assistant's reply: its turns are {roles}, expected 'assistant' "
+                             "first and no 'user' turn (put earlier turns in the prompt)")
     for name, completion in ((chosen_field, chosen), (rejected_field, rejected)):
         if is_blank(completion):
             where = " once the shared prompt is split off" if implicit else ""

@@ -103,6 +103,8 @@ def _parse_line(raw: bytes, row: int) -> Optional[Union[dict, BadRow]]:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         return BadRow(MALFORMED_JSON, None, f"{err.msg} at column {err.colno}")
+    except (RecursionError, ValueError) as err:  # nesting too deep, an integer of thousands of digits
+        return BadRow(MALFORMED_JSON, None, f"cannot be parsed: {type(err).__name__}: {str(err)[:120]}")
     if not isinstance(value, dict):
         return BadRow(NOT_AN_OBJECT, None, f"expected a JSON object, got {describe(value)}")
     return value
@@ -132,7 +134,9 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
         raise DataError(f"{path}: invalid UTF-8 at byte {err.start}; the whole JSON document is unreadable") from None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (RecursionError, ValueError) as err:
+        if not isinstance(err, json.JSONDecodeError):
+            raise DataError(f"{path}: the JSON document cannot be parsed: {type(err).__name__}: {str(err)[:120]}") from None
         if err.msg == "Extra data" and text.lstrip().startswith("{"):
             # Several top-level objects: it is JSON Lines with a .json name (common on the Hub).
             yield from _jsonl_rows(path)

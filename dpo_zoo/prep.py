@@ -234,8 +234,9 @@ def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokeni
               reference: Dict[str, Any]) -> Dict[str, Any]:
     """The whole key of one split's prepared set: every setting its stored values depend on.
 
-    ``data.on_bad_row`` is left out on purpose: a prep that succeeds with ``error`` dropped nothing, so
-    it yields exactly what ``skip`` yields; ``batch_size`` / ``shard_size`` change no value either.
+    ``data.on_bad_row`` is part of it: rows dropped at tokenization under ``skip`` (e.g. a completion
+    truncated to nothing) must be reported again, as errors, by a later prep with ``error``, not hidden
+    behind a cache hit. ``batch_size`` / ``shard_size`` change no value and are left out.
     """
     data, prep = cfg.data, cfg.prep
     setting, template = chat_template_key(str(prep.chat_template), tokenizer, pairs)
@@ -253,6 +254,7 @@ def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokeni
         "max_length": int(prep.max_length),
         "max_prompt_length": int(prep.max_prompt_length),
         "truncation_mode": str(prep.truncation_mode),
+        "on_bad_row": str(data.on_bad_row),
         "preprocessor": str(data.preprocessor),
         "preprocessor_options": _plain(data.options),
         "column_map": _plain(data.columns),
@@ -341,6 +343,8 @@ def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[S.TokenizedPair]]:
             drops=context.splits.drops,
         )
         _check_rows(out[split], split)
+    if not out["train"]:
+        raise DataError(f"no training pairs left after tokenization.\n{context.splits.drops.summary()}")
     return out
 
 

@@ -218,6 +218,32 @@ def test_changing_a_key_field_is_a_miss_that_names_it(workdir, field):
     assert len(state.reasons) == len(expected), state.reasons  # only the changed field(s)
 
 
+def _add_rows_without_prompt_tokens(path: Path, n: int) -> None:
+    """Rows that pass loading but are dropped at tokenization: an empty string prompt has no tokens."""
+    with open(path, "a") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"empty{i}", "prompt": "", "chosen": " yes", "rejected": " no"}) + "\n")
+
+
+def test_rows_dropped_at_tokenization_under_skip_are_reported_again_under_error(workdir):
+    """A cache made with on_bad_row=skip is not a hit for on_bad_row=error, whose run must stop at the
+    row skip dropped (the row is never hidden behind a cache hit)."""
+    _add_rows_without_prompt_tokens(workdir / "data.jsonl", 1)
+    paths = run_prep(make_cfg("data.on_bad_row=skip"))
+    assert len(PreparedSet.open(paths["train"])) == N_PAIRS
+    drops = json.loads((workdir / "out" / "drops.json").read_text())
+    assert "prompt has no tokens" in json.dumps(drops)
+    with pytest.raises(DataError, match=r"row 16.*prompt has no tokens"):
+        run_prep(make_cfg("data.on_bad_row=error"))
+
+
+def test_nothing_left_after_tokenization_is_an_error(workdir):
+    (workdir / "data.jsonl").write_text("")
+    _add_rows_without_prompt_tokens(workdir / "data.jsonl", 3)
+    with pytest.raises(DataError, match="no training pairs left after tokenization"):
+        run_prep(make_cfg("data.on_bad_row=skip"))
+
+
 def test_a_miss_rebuilds_and_says_why(workdir, capsys):
     paths = run_prep(make_cfg())
     capsys.readouterr()

@@ -37,6 +37,14 @@ BAD_ROWS = [
     ({**GOOD, "id": {"a": 1}}, R.BAD_VALUE, "id", "string or integer id"),
     ({"chosen": [MSG("user", "Hi")], "rejected": [MSG("user", "Hi"), MSG("assistant", "Yo")]}, R.EMPTY_COMPLETION, "chosen", "once the shared prompt is split off"),
     ({"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi\n\nAssistant: Yo"}, R.EMPTY_COMPLETION, "chosen", "once the shared prompt"),
+    ({**GOOD, "weight": 1e39}, R.BAD_VALUE, "weight", "float32"),  # would be inf in the float32 cache
+    ({"chosen": "Tell me a joke.", "rejected": "Why is the sky blue?"}, R.NO_SHARED_PROMPT, "rejected", "share no prompt"),
+    ({"chosen": [MSG("user", "A?"), MSG("assistant", "x")], "rejected": [MSG("user", "B?"), MSG("assistant", "y")]},
+     R.NO_SHARED_PROMPT, "rejected", "share no prompt"),
+    ({"prompt": [MSG("user", "Q?")], "chosen": [MSG("user", "x")], "rejected": [MSG("assistant", "no")]},
+     R.NOT_A_COMPLETION, "chosen", "expected 'assistant' first"),
+    ({"prompt": [MSG("user", "Q?")], "chosen": [MSG("assistant", "a"), MSG("user", "b"), MSG("assistant", "c")],
+      "rejected": [MSG("assistant", "no")]}, R.NOT_A_COMPLETION, "chosen", "no 'user' turn"),
 ]
 
 
@@ -52,7 +60,9 @@ def test_each_bad_row_is_an_error_naming_file_row_and_field(write_jsonl, row, re
 
 @pytest.mark.parametrize(
     "line, reason",
-    [(b'{"chosen": " a", "rejected": " \xff"}', R.UNDECODABLE), (b'{"chosen": " a", ', R.MALFORMED_JSON), (b'"just a string"', R.NOT_AN_OBJECT)],
+    [(b'{"chosen": " a", "rejected": " \xff"}', R.UNDECODABLE), (b'{"chosen": " a", ', R.MALFORMED_JSON), (b'"just a string"', R.NOT_AN_OBJECT),
+     (b"[" * 100_000 + b"]" * 100_000, R.MALFORMED_JSON),  # nesting beyond the parser's recursion limit
+     (b'{"chosen": " a", "rejected": " b", "weight": 1' + b"0" * 5000 + b"}", R.MALFORMED_JSON)],  # 5001-digit integer
 )
 def test_unreadable_lines_are_errors_naming_file_and_row(write_jsonl, line, reason):
     path = write_jsonl("d.jsonl", [GOOD, line])
@@ -200,3 +210,28 @@ def test_drop_report_api():
 def test_on_bad_row_must_be_known(write_jsonl):
     with pytest.raises(DataError, match="`data.on_bad_row`: 'ignore' is not one of error, skip"):
         load_splits(cfg(write_jsonl("d.jsonl", [GOOD]), on_bad_row="ignore"))
+
+
+def test_lone_surrogate_is_undecodable_text_naming_the_field(write_jsonl):
+    """``"\\ud800"`` is valid JSON but not Unicode text: a bad row, never a crash further on."""
+    line = b'{"prompt": "Q?", "chosen": " a \\ud800", "rejected": " no"}'
+    path = write_jsonl("d.jsonl", [GOOD, line])
+    with pytest.raises(DataError, match=r"row 1 \(0-based\), field 'chosen': undecodable text: .*lone surrogate"):
+        load_splits(cfg(path))
+    loaded = load_splits(cfg(path, on_bad_row="skip"))
+    assert len(loaded.train) == 1 and loaded.drops.counts == {R.UNDECODABLE: 1}
+
+
+def test_a_column_named_in_data_columns_must_exist(write_jsonl):
+    path = write_jsonl("d.jsonl", [{"chosen": " yes", "rejected": " no", "text": "Q?"}])
+    with pytest.raises(DataError, match=r"field 'question \(as prompt\)': missing field: column named by data.columns.prompt"):
+        load_splits(cfg(path, columns={"prompt": "question"}))
+    with pytest.raises(DataError, match=r"field 'w \(as weight\)'"):
+        load_splits(cfg(path, columns={"prompt": "text", "weight": "w"}))
+
+
+def test_an_empty_heldout_file_is_an_error(write_jsonl, tmp_path):
+    empty = tmp_path / "heldout.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"heldout.jsonl: no held-out pairs left"):
+        load_splits(DataConfig(train_path=str(write_jsonl("t.jsonl", [GOOD])), heldout_path=str(empty)))
