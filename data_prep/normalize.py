@@ -65,16 +65,17 @@ class Row:
         source = self.source_name(name)
         return source if source == name else f"{source} (as {name})"
 
-    def has(self, name: str) -> bool:
-        present = self.source_name(name) in self.values
-        if not present and name in self.columns:
-            # The user named this column explicitly: its absence is an error, not "field not given".
+    def _check_mapped(self, name: str) -> None:
+        """A column the user named in ``data.columns`` must exist: its absence is an error, not "not given"."""
+        if name in self.columns and self.columns[name] not in self.values:
             raise BadRow(MISSING_FIELD, self.label(name), f"column named by data.columns.{name} is missing")
-        return present
+
+    def has(self, name: str) -> bool:
+        self._check_mapped(name)
+        return self.source_name(name) in self.values
 
     def get(self, name: str, default: Any = None) -> Any:
-        if name in self.columns:
-            self.has(name)
+        self._check_mapped(name)
         return self.values.get(self.source_name(name), default)
 
     def require(self, name: str) -> Any:
