@@ -361,6 +361,7 @@ def _omegaconf_message(err: Exception) -> str:
 def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]) -> Optional[Dict[str, Any]]:
     """Build the ``loss`` section: its name (preset file or registered name) and checked hparams."""
     from .losses import LossConfigError, get_loss_entry, load_loss_plugin
+    from .losses.base import hparam_type_problems
 
     name, hparams, plugin = "dpo", {}, None
     hparam_sources: Dict[str, str] = {}
@@ -403,6 +404,9 @@ def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]
             f"(known: {', '.join(sorted(known))})"
         )
     good = {k: v for k, v in hparams.items() if k in known}
+    for key, problem in hparam_type_problems(entry.cls.Config, good).items():
+        errors.append(f"{hparam_sources[key]}: `loss.{key}`: {problem}")
+        good.pop(key)
     try:
         entry.build(**good)
     except LossConfigError as err:

@@ -1,5 +1,8 @@
 """The config system: every shipped YAML loads; unknown keys and bad values are named, all at once."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +91,35 @@ def test_loss_section_as_mapping_and_selection_order(tmp_path):
 def test_bad_loss_value_is_reported():
     with pytest.raises(ConfigError, match="beta must be > 0"):
         load_config([], ["loss.beta=-1"])
+
+
+@pytest.mark.parametrize("overrides, key, expected, value", [
+    (["loss.beta=abc"], "loss.beta", "a number (float)", "'abc' (str)"),
+    (["loss.beta=true"], "loss.beta", "a number (float)", "True (bool)"),
+    (["loss=sampo", "loss.share_indices=maybe"], "loss.share_indices", "a boolean (true or false)", "'maybe' (str)"),
+    (["loss=sampo", "loss.share_indices=1"], "loss.share_indices", "a boolean (true or false)", "1 (int)"),
+    (["loss=ra_dpo", "loss.variant=1.5"], "loss.variant", "an integer", "1.5 (float)"),
+    (["loss=is_daa", "loss.clip_max=x"], "loss.clip_max", "a number (float) or null", "'x' (str)"),
+])
+def test_hyperparameter_of_the_wrong_type_names_key_type_and_value(overrides, key, expected, value):
+    with pytest.raises(ConfigError) as caught:
+        load_config([], overrides)
+    assert caught.value.errors == [f"override '{overrides[-1]}': `{key}`: expected {expected}, got {value}"]
+
+
+def test_hyperparameter_types_accept_what_they_should():
+    cfg = load_config([], ["loss=is_daa", "loss.beta=1", "loss.clip_max=null"])  # an int is a fine float
+    assert (cfg.loss.beta, cfg.loss.clip_max) == (1, None)
+    with pytest.raises(Exception, match=r"loss 'dpo': `beta`: expected a number \(float\), got 'abc'"):
+        build_loss("dpo", beta="abc")  # the Python API says the same
+
+
+def test_wrong_hyperparameter_type_through_the_cli_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dpo_zoo.cli", "train", "loss.beta=abc"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 2
+    assert "`loss.beta`: expected a number (float), got 'abc' (str)" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_configs_never_run_code(tmp_path):

@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import importlib
 import inspect
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple, Type
 
@@ -343,6 +344,11 @@ class RegisteredLoss:
                 f"known: {', '.join(sorted(known))}"
             )
         values = {**self.presets, **hparams}
+        wrong = hparam_type_problems(self.cls.Config, values)
+        if wrong:
+            raise LossConfigError(
+                f"loss '{self.name}': " + "; ".join(f"`{key}`: {problem}" for key, problem in wrong.items())
+            )
         try:
             config = self.cls.Config(**values)
         except (TypeError, ValueError) as err:
@@ -350,6 +356,43 @@ class RegisteredLoss:
         loss = self.cls(config)
         loss.name = self.name
         return loss
+
+
+# What each declared hyperparameter type accepts, and how an error names it. A bool is not taken for a
+# number (``True`` is an ``int`` to Python, but ``beta=true`` is a mistake), and an int is a fine float.
+_TYPE_NAMES = {float: "a number (float)", int: "an integer", bool: "a boolean (true or false)", str: "a string"}
+
+
+def _accepts(kind: Any, value: Any) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (bool, str):
+        return isinstance(value, kind)
+    return True  # a type this check does not know: left to the Config's own validation
+
+
+def hparam_type_problems(config_cls: type, values: Mapping[str, Any]) -> Dict[str, str]:
+    """``{name: "expected <type>, got <value> (<its type>)"}`` for each value in ``values`` that is not
+    of the type its field in the ``config_cls`` dataclass declares (``Optional[X]`` also accepts
+    ``None``). Checked before the dataclass is built, so ``beta="abc"`` is named as a wrong type
+    rather than failing inside a range check."""
+    hints = typing.get_type_hints(config_cls)
+    problems = {}
+    for name, value in values.items():
+        if name not in hints:
+            continue
+        kinds = [hints[name]]
+        if typing.get_origin(hints[name]) is typing.Union:
+            kinds = [k for k in typing.get_args(hints[name]) if k is not type(None)]
+            if value is None:
+                continue
+        if len(kinds) != 1 or kinds[0] not in _TYPE_NAMES or _accepts(kinds[0], value):
+            continue
+        expected = _TYPE_NAMES[kinds[0]] + (" or null" if hints[name] is not kinds[0] else "")
+        problems[name] = f"expected {expected}, got {value!r} ({type(value).__name__})"
+    return problems
 
 
 _REGISTRY: Dict[str, RegisteredLoss] = {}
