@@ -26,11 +26,13 @@ class ISDAAConfig:
 
     * ``beta`` (β) = 0.1, the base loss's β (``DPOConfig.beta`` of the official code).
     * ``base`` ∈ {dpo, ipo, hinge} = ``dpo``: the direct-alignment loss that is importance-weighted.
-    * ``eps`` (ε) = 0.25, the official parameterisation of the clip: ``C = e^{2ε}`` (0.25 → C ≈ 1.649;
-      the released script's 1.0 → C = e² ≈ 7.389). ``eps = 0`` is ``C = 1``.
-    * ``clip_max`` (C) = None: the clip in ratio space; when given it is used instead of ``eps``. A
-      non-default ``eps`` together with a ``clip_max`` other than ``e^{2ε}`` is an error, since one of
-      the two would be silently ignored. ``math.inf`` gives unclipped importance sampling, whose
+    * ``eps`` (ε) = None, meaning 0.25 unless ``clip_max`` is given: the official parameterisation of
+      the clip, ``C = e^{2ε}`` (0.25 → C ≈ 1.649; the released script's 1.0 → C = e² ≈ 7.389).
+      ``eps = 0`` is ``C = 1``. The default is a sentinel so that an ``eps`` the user *set* is known,
+      even when it equals 0.25.
+    * ``clip_max`` (C) = None: the clip in ratio space; when given it is used instead of ``eps``. Any
+      set ``eps`` (0.25 included) together with a ``clip_max`` other than ``e^{2ε}`` is an error, since
+      one of the two would be silently ignored. A name's preset ``eps`` (``is_ipo``) counts as set. ``math.inf`` gives unclipped importance sampling, whose
       weights overflow fp32 once ``log w`` passes ≈ 88: the variance the clip exists to bound.
 
     ``C ≥ 1`` is required (``ε ≥ 0``): below 1 every pair would be down-weighted, including those the
@@ -40,20 +42,19 @@ class ISDAAConfig:
 
     beta: float = 0.1
     base: str = "dpo"
-    eps: float = DEFAULT_EPS
+    eps: Optional[float] = None
     clip_max: Optional[float] = None
 
     def __post_init__(self):
         check_beta(self.beta)
         if self.base not in BASES:
             raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
-        if not self.eps >= 0:
+        if self.eps is not None and not self.eps >= 0:
             raise ValueError(f"eps must be >= 0 (the clip is C = e^(2 eps) >= 1), got {self.eps}")
         if self.clip_max is not None:
             if not self.clip_max >= 1:
                 raise ValueError(f"clip_max must be >= 1 (or None to use eps), got {self.clip_max}")
-            agree = math.isclose(2.0 * self.eps, math.log(self.clip_max), rel_tol=1e-9)
-            if self.eps != DEFAULT_EPS and not agree:
+            if self.eps is not None and not math.isclose(2.0 * self.eps, math.log(self.clip_max), rel_tol=1e-9):
                 raise ValueError(
                     f"eps={self.eps} (C = e^(2 eps) = e^{2.0 * self.eps:g}) and clip_max={self.clip_max} "
                     "disagree; give only one (on a name that presets eps, such as is_ipo, override eps)"
@@ -61,8 +62,10 @@ class ISDAAConfig:
 
     @property
     def log_clip(self) -> float:
-        """``log C``: ``log(clip_max)`` when given, else ``2 ε``."""
-        return math.log(self.clip_max) if self.clip_max is not None else 2.0 * self.eps
+        """``log C``: ``log(clip_max)`` when given, else ``2 ε`` (ε = 0.25 when not set)."""
+        if self.clip_max is not None:
+            return math.log(self.clip_max)
+        return 2.0 * (DEFAULT_EPS if self.eps is None else self.eps)
 
 
 @register_loss("is_ipo", base="ipo", eps=1.0, beta=0.05)
@@ -84,8 +87,8 @@ class ISDAALoss(Loss):
     Rewards ``β ℓ_θ(y)`` as in DPO; ``win_prob`` is ``σ(β h)`` (the Bradley–Terry reading of the rewards,
     for every base).
 
-    Hyperparameters (see :class:`ISDAAConfig`): ``beta`` = 0.1, ``base`` = dpo, ``eps`` = 0.25
-    (C = e^{0.5}), ``clip_max`` = None.
+    Hyperparameters (see :class:`ISDAAConfig`): ``beta`` = 0.1, ``base`` = dpo, ``eps`` = None (0.25,
+    C = e^{0.5}, unless ``clip_max`` is given), ``clip_max`` = None.
     Registered names: ``is_daa`` (IS-DPO, the default base dpo, matching the method's name) and
     ``is_ipo`` = the released script ``scripts/train_IS/train_is_dpo.sh``: base ipo, ``eps`` = 1.0
     (C = e²), ``beta`` = 0.05 (the released ``train_is_dpo.py`` trains the IPO base loss; its DPO line is

@@ -94,11 +94,18 @@ def cvar_official(ref: torch.Tensor, pol: torch.Tensor, mu: float, split_vocab: 
 
 
 def entropic_risk(ref: torch.Tensor, pol: torch.Tensor, mu: float) -> torch.Tensor:
-    """``(1/μ) log E_{π_ref}[e^{μ Z}] = (1/μ) logsumexp((1+μ) log π_ref − μ log π_θ)``, the Rényi
-    divergence of order 1+μ, D_{1+μ}(π_ref ‖ π_θ)."""
-    # Tokens without reference mass drop out (−inf), even where the policy's log-prob is −inf too.
-    exponent = ((1.0 + mu) * ref - mu * pol).masked_fill_(ref == float("-inf"), float("-inf"))
-    return exponent.logsumexp(-1) / mu
+    """``Φ^μ(Z) = −(1/μ) log E_{π_ref}[e^{−μZ}] = −(1/μ) logsumexp((1−μ) log π_ref + μ log π_θ)``.
+
+    The authors' entropic risk measure ``ρ_ERM(G; μ) = (1/μ) log E[e^{−μG}]`` read with the sign that
+    makes it a lower-tail weighting of Z (like the paper's CVaR): it tends to the KL as μ → 0 and is
+    ≤ KL for every μ > 0. It equals the Rényi divergence ``D_{1−μ}(π_ref ‖ π_θ)`` for μ < 1 and is ≤ 0
+    for μ ≥ 1 (μ = 1 gives ``−log Σ_{π_ref>0} π_θ``, 0 when the supports agree). Worked example:
+    π_ref = (.7, .2, .1), π_θ = (.5, .45, .05), μ = 5 gives Φ = −0.491 while the KL is 0.143.
+    """
+    # Tokens without reference mass drop out (−inf), whatever the policy says about them; in log space
+    # the (1−μ) log π_ref factor is finite wherever π_ref > 0, so no power of a probability is formed.
+    exponent = ((1.0 - mu) * ref + mu * pol).masked_fill_(ref == float("-inf"), float("-inf"))
+    return -exponent.logsumexp(-1) / mu
 
 
 # ====================================================================== chunked per-position terms
@@ -264,7 +271,7 @@ class RaDPOConfig:
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
 
 
-@register_loss("ra_dpo_erm", risk="erm", mu=5.0)
+@register_loss("ra_dpo_erm", risk="erm", mu=5.0, variant=2, alpha=0.5)
 @register_loss("ra_dpo_official", risk="cvar_official", split_vocab=True)
 @register_loss("ra_dpo2", variant=2)
 @register_loss("ra_dpo")
@@ -293,11 +300,15 @@ class RaDPOLoss(Loss):
       negative); μ is the fraction of entries kept, and even μ = 1 drops each half's minimum. The
       paper's remark that the risk term comes out "slightly larger than the KL" matches this, not
       Eq. 21. It needs the reference over the whole vocabulary (no top-k).
-    * ``erm`` (experimental, **[UNVERIFIED]**: the NeurIPS version's definition was not readable):
-      ``(1/μ) log E_{π_ref}[e^{μ Z}]`` = Rényi divergence ``D_{1+μ}(π_ref ‖ π_θ) ≥ KL``. μ > 0 is the
-      risk aversion: μ → 0 is the KL, larger μ weighs the tokens the policy under-covers more. A
-      third-party summary quotes μ ∈ {9, 7, 5}; ``ra_dpo_erm`` presets 5. The other sign convention
-      ``−(1/μ) log E[e^{−μZ}]`` is not offered (it needs ``Σ π_ref^{1−μ} π_θ^μ``, unstable for μ ≥ 1).
+    * ``erm`` (experimental: from the authors' rebuttal, not the NeurIPS body): the entropic risk
+      measure. The authors define ``ρ_ERM(G; μ) = (1/μ) log E[e^{−μG}]`` (μ > 0; README of
+      "The results of Ra_DPO_2(ERM)" in zlj123-max/ICML2025-Ra-DPO). Applied to Z it is used as
+      ``Φ^μ(Z) = −(1/μ) log E_{π_ref}[e^{−μZ}] = −(1/μ) logsumexp((1−μ) log π_ref + μ log π_θ)``: the
+      sign under which Φ → KL as μ → 0 and Φ ≤ KL for every μ (the README's literal sign gives −KL as
+      μ → 0). It weighs the tokens where the policy puts *more* mass than the reference (Z < 0) most;
+      μ is the risk aversion. Example: π_ref = (.7, .2, .1), π_θ = (.5, .45, .05), μ = 5 → Φ = −0.491,
+      KL = 0.143. The authors ran it only as Ra-DPO2 with α = 0.5 and μ = 5, which the ``ra_dpo_erm``
+      preset is (sweep values quoted: μ ∈ {9, 7, 5}).
     * ``kl``: ``KL(π_ref(·|s_t) ‖ π_θ(·|s_t))``: TDPO1/TDPO2 exactly, registered as ``tdpo`` (= TDPO1,
       the official config's default), ``tdpo1`` and ``tdpo2`` through :class:`TDPOLoss`.
 
@@ -317,8 +328,10 @@ class RaDPOLoss(Loss):
 
     **Top-k reference (an approximation).** Each position's distribution is coarsened to K+1 atoms: the
     K tokens, and one "rest" atom with the reference's rest mass and the policy's exact mass of the
-    non-top-k tokens (logsumexp of its log-probs there). KL and the Rényi divergence can only go down
-    under coarsening (data-processing inequality); CVaR of the coarsened Z also differs. With K = V it
+    non-top-k tokens (logsumexp of its log-probs there). The KL can only go down under coarsening
+    (data-processing inequality), and so can ERM for μ < 1 (a Rényi divergence); for μ > 1 ERM can only
+    go up (``Σ π_ref^{1−μ} π_θ^μ`` is then jointly convex and 1-homogeneous, so merging atoms lowers it).
+    CVaR of the coarsened Z also differs. With K = V it
     is exact.
 
     Metrics: ``ra/risk_chosen``, ``ra/risk_rejected`` (D per pair), ``ra/kl_chosen``, ``ra/kl_rejected``
@@ -342,7 +355,8 @@ class RaDPOLoss(Loss):
     implementation_notes = (
         'Paper CVaR (Eq. 21: lower tail, probability-weighted, 1/μ) by default; the official '
         "code's upper-tail per-half quantile is ra_dpo_official. log_softmax, not "
-        'softmax().log(). ERM experimental [UNVERIFIED]. A cached top-k reference is used as a '
+        'softmax().log(). ERM (experimental) is the authors\' −(1/μ) log E[e^{−μZ}], ≤ KL; ra_dpo_erm is '
+        'Ra-DPO2 with α = 0.5, μ = 5 as they ran it. A cached top-k reference is used as a '
         'K+1-atom coarsening.'
     )
 

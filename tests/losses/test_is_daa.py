@@ -232,6 +232,8 @@ def test_clip_max_overrides_default_eps_and_agreeing_values_are_fine():
     assert build_loss("is_daa", clip_max=3.0).config.log_clip == pytest.approx(math.log(3.0))
     assert build_loss("is_daa", eps=0.5, clip_max=math.e).config.log_clip == pytest.approx(1.0)
     assert build_loss("is_daa", clip_max=math.inf).config.log_clip == math.inf
+    assert build_loss("is_daa", eps=0.25).config.log_clip == pytest.approx(0.5)
+    assert build_loss("is_daa", eps=0.25, clip_max=math.exp(0.5)).config.log_clip == pytest.approx(0.5)
     assert build_loss("is_ipo", eps=0.0).config.log_clip == 0.0
 
 
@@ -239,6 +241,8 @@ def test_clip_max_overrides_default_eps_and_agreeing_values_are_fine():
     "name,hparams",
     [
         ("is_daa", {"eps": 0.5, "clip_max": 3.0}),
+        ("is_daa", {"eps": 0.25, "clip_max": 3.0}),  # eps set to its default value still disagrees
+        ("is_daa", {"eps": 0.0, "clip_max": math.inf}),
         ("is_ipo", {"clip_max": 3.0}),  # the preset eps = 1 disagrees: override eps instead
         ("is_daa", {"clip_max": 0.5}),
         ("is_daa", {"eps": -0.1}),

@@ -59,7 +59,7 @@ def run(name, tensors, **hparams):
 def naive_position_risk(ref, pol, risk, mu, split_vocab):
     """Φ of one position from its atoms' log-masses ``ref, pol`` ``[A]``, written independently:
     CVaR by the Rockafellar–Uryasev form sup_ν {ν − E[(ν − Z)^+]/μ} (the sup of this concave piecewise-
-    linear function is at an atom); the official CVaR with ``torch.quantile``; ERM as log E[e^{μZ}]/μ."""
+    linear function is at an atom); the official CVaR with ``torch.quantile``; ERM as −log E[e^{−μZ}]/μ."""
     p = ref.exp()
     z = ref - pol
     if risk == "kl":
@@ -67,7 +67,7 @@ def naive_position_risk(ref, pol, risk, mu, split_vocab):
     if risk == "cvar":
         return torch.stack([nu - (p * torch.relu(nu - z)).sum() / mu for nu in z]).max()
     if risk == "erm":
-        return torch.log((p * torch.exp(mu * z)).sum()) / mu
+        return -torch.log((p * torch.exp(-mu * z)).sum()) / mu
     if risk == "cvar_official":
         V = z.shape[0]
         halves = [(0, V // 2), (V // 2, V)] if split_vocab else [(0, V)]
@@ -152,7 +152,7 @@ def test_registered_names_and_presets():
         "ra_dpo": dict(risk="cvar", variant=1, mu=0.95, beta=0.1, alpha=0.5, split_vocab=True),
         "ra_dpo2": dict(risk="cvar", variant=2, mu=0.95),
         "ra_dpo_official": dict(risk="cvar_official", variant=1, split_vocab=True, mu=0.95),
-        "ra_dpo_erm": dict(risk="erm", variant=1, mu=5.0),
+        "ra_dpo_erm": dict(risk="erm", variant=2, alpha=0.5, mu=5.0),  # as the authors ran it
         "tdpo": dict(risk="kl", variant=1, alpha=0.5, beta=0.1),  # official tdpo.yaml: if_tdpo2: false
         "tdpo1": dict(risk="kl", variant=1),
         "tdpo2": dict(risk="kl", variant=2),
@@ -213,7 +213,8 @@ def test_three_token_risk_values():
     KL = ½ ln 2 + 0 − ¼ ln 2 = ¼ ln 2 = 0.1732868.
     CVaR μ=1: every atom, = KL. CVaR μ=0.5: Z sorted (−ln2: ¼, 0: ¼, ln2: ½), takes ¼, ¼, 0:
       (−¼ ln 2)/0.5 = −½ ln 2. CVaR μ=0.6: takes ¼, ¼, 0.1 (boundary split): (−¼ + 0.1) ln 2/0.6 = −¼ ln 2.
-    ERM μ=1: log Σ π_ref²/π_θ = log(¼/¼ + (1/16)/¼ + (1/16)/½) = log(1.375) = 0.3184537.
+    ERM μ=2: −½ log Σ π_θ²/π_ref = −½ log((1/16)/½ + (1/16)/¼ + ¼/¼) = −½ log(1.375) = −0.1592269;
+      μ=1: −log Σ π_θ = 0.
     Official, no split, μ=0.95: entries sorted (−ln2, 0, ln2), rank 0.05 × 2 = 0.1, q = −ln2 + 0.1 ln2
       = −0.9 ln 2; kept D > q: tokens 0 and 1: ½ ln 2 + ¼ × 0 = ½ ln 2 ≥ KL.
     Official, split (halves [0:1], [1:3]): half 1 = (ln 2), q = ln 2, nothing is > q; half 2 = (0, −ln 2),
@@ -224,9 +225,26 @@ def test_three_token_risk_values():
     assert cvar_lower(ref, pol, 1.0).item() == pytest.approx(0.25 * LN2, rel=1e-12)
     assert cvar_lower(ref, pol, 0.5).item() == pytest.approx(-0.5 * LN2, rel=1e-12)
     assert cvar_lower(ref, pol, 0.6).item() == pytest.approx(-0.25 * LN2, rel=1e-12)
-    assert entropic_risk(ref, pol, 1.0).item() == pytest.approx(math.log(1.375), rel=1e-12)
+    assert entropic_risk(ref, pol, 2.0).item() == pytest.approx(-0.5 * math.log(1.375), rel=1e-12)
+    assert entropic_risk(ref, pol, 1.0).item() == pytest.approx(0.0, abs=1e-15)
     assert cvar_official(ref, pol, 0.95, split_vocab=False).item() == pytest.approx(0.5 * LN2, rel=1e-12)
     assert cvar_official(ref, pol, 0.95, split_vocab=True).item() == pytest.approx(0.0, abs=1e-15)
+
+
+def test_entropic_risk_worked_example():
+    """The specification's example: π_ref = (.7, .2, .1), π_θ = (.5, .45, .05), μ = 5.
+    Σ π_ref^{−4} π_θ^5 = .7^−4·.5^5 + .2^−4·.45^5 + .1^−4·.05^5 = 0.130154 + 11.533008 + 0.003125 = 11.666287,
+    Φ = −log(11.666287)/5 = −0.4913; KL = .7 ln(.7/.5) + .2 ln(.2/.45) + .1 ln(.1/.05) = 0.1427."""
+    ref = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64).log()
+    pol = torch.tensor([0.5, 0.45, 0.05], dtype=torch.float64).log()
+    phi = entropic_risk(ref, pol, 5.0).item()
+    assert phi == pytest.approx(-math.log(0.7**-4 * 0.5**5 + 0.2**-4 * 0.45**5 + 0.1**-4 * 0.05**5) / 5, rel=1e-12)
+    assert round(phi, 3) == -0.491
+    assert round(kl_divergence(ref, pol).item(), 3) == 0.143
+    # A token the reference gives no mass is left out, whatever the policy puts on it.
+    ref0 = torch.tensor([0.7, 0.3, 0.0], dtype=torch.float64).log()
+    expected = -math.log(0.7**-4 * 0.5**5 + 0.3**-4 * 0.45**5) / 5
+    assert entropic_risk(ref0, pol, 5.0).item() == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -242,8 +260,8 @@ def test_three_token_risk_values():
         ("tdpo2", {}, 0.5625 * LN2, 0.25 * LN2),
         # CVaR μ = 0.5: D_w = −½ ln2: 0.5 [ln2 − (0 + ½ ln2)] = 0.25 ln2 → L = 0.6102526
         ("ra_dpo", dict(mu=0.5), 0.25 * LN2, -0.5 * LN2),
-        # ERM μ = 1: D_w = log 1.375: 0.5 [ln2 + log 1.375] → L = 0.4718910
-        ("ra_dpo", dict(risk="erm", mu=1.0), 0.5 * (LN2 + math.log(1.375)), math.log(1.375)),
+        # ERM μ = 2: D_w = −½ log 1.375: 0.5 [ln2 − ½ log 1.375] → L = 0.5685492
+        ("ra_dpo", dict(risk="erm", mu=2.0), 0.5 * (LN2 - 0.5 * math.log(1.375)), -0.5 * math.log(1.375)),
         # official, no split: D_w = ½ ln2: 0.5 [ln2 + ½ ln2] = 0.75 ln2 → L = 0.4666252
         ("ra_dpo_official", dict(split_vocab=False), 0.75 * LN2, 0.5 * LN2),
     ],
@@ -287,7 +305,7 @@ def test_cvar_at_mu_one_is_kl_and_ra_dpo_is_tdpo():
     torch.testing.assert_close(c.losses, d.losses, rtol=1e-12, atol=1e-12)
 
 
-def test_cvar_below_kl_below_erm_on_random_distributions():
+def test_cvar_and_erm_below_kl_on_random_distributions():
     g = torch.Generator().manual_seed(7)
     ref = (3.0 * torch.randn(500, 50, generator=g, dtype=torch.float64)).log_softmax(-1)
     pol = (3.0 * torch.randn(500, 50, generator=g, dtype=torch.float64)).log_softmax(-1)
@@ -295,9 +313,13 @@ def test_cvar_below_kl_below_erm_on_random_distributions():
     assert (kl >= 0).all()
     for mu in (0.5, 0.9, 0.95, 0.99):
         assert (cvar_lower(ref, pol, mu) <= kl + 1e-12).all()
-    for mu in (0.1, 1.0, 5.0, 9.0):
-        assert (entropic_risk(ref, pol, mu) >= kl - 1e-12).all()
-    # μ → 0 brings the entropic risk to the KL (Rényi order 1+μ → 1).
+    for mu in (0.1, 0.5, 1.0, 5.0, 9.0):
+        assert (entropic_risk(ref, pol, mu) <= kl + 1e-12).all()
+    # μ ≥ 1: −(1/μ) log Σ π_ref^{1−μ} π_θ^μ ≤ 0 (Hölder / Jensen), more averse as μ grows.
+    for mu in (1.0, 5.0, 9.0):
+        assert (entropic_risk(ref, pol, mu) <= 1e-12).all()
+    assert (entropic_risk(ref, pol, 9.0) <= entropic_risk(ref, pol, 5.0) + 1e-12).all()
+    # μ → 0 brings the entropic risk to the KL (it is the Rényi divergence of order 1−μ → 1).
     torch.testing.assert_close(entropic_risk(ref, pol, 1e-7), kl, rtol=1e-4, atol=1e-6)
     # A smaller CVaR level averages a smaller, lower tail.
     assert (cvar_lower(ref, pol, 0.5) <= cvar_lower(ref, pol, 0.9) + 1e-12).all()
@@ -447,15 +469,18 @@ def test_topk_matches_a_naive_coarsened_distribution(risk):
     torch.testing.assert_close(given.losses, out.losses, rtol=1e-12, atol=1e-12)
 
 
-def test_topk_coarsening_lowers_kl_and_entropic_risk():
-    """Data-processing inequality: merging atoms can only lower KL and Rényi divergences."""
+def test_topk_coarsening_moves_kl_and_entropic_risk_the_known_way():
+    """Merging atoms can only lower the KL and ERM with μ < 1 (a Rényi divergence of order 1−μ: data
+    processing), and can only raise ERM with μ > 1 (Σ π_ref^{1−μ} π_θ^μ is then jointly convex and
+    1-homogeneous, hence subadditive, so merging lowers the sum and raises −log(sum)/μ)."""
     tensors = vocab_batch(B=2, T=6, V=16, seed=12)
-    for risk, mu in (("kl", 0.95), ("erm", 5.0)):
+    for risk, mu, direction in (("kl", 0.95, -1), ("erm", 0.5, -1), ("erm", 5.0, +1)):
         full, _ = run("ra_dpo", tensors, risk=risk, mu=mu)
         for K in (1, 4, 15):
             coarse, _ = run("ra_dpo", topk_of(tensors, K=K), risk=risk, mu=mu)
             for side in SIDES:
-                assert (coarse.metrics[f"ra/risk_{side}"] <= full.metrics[f"ra/risk_{side}"] + 1e-12).all()
+                change = direction * (coarse.metrics[f"ra/risk_{side}"] - full.metrics[f"ra/risk_{side}"])
+                assert (change >= -1e-12).all(), (risk, mu, K)
 
 
 def test_declared_needs_for_the_cache():
