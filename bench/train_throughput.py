@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+DEFAULT_DATA = REPO_ROOT / "data" / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"  # shipped, MIT
 TRAINERS = ("dpo_zoo", "trl_live", "trl_precompute")
 TARGETS = {
     "throughput_vs_trl_live": (">=", 1.3),
@@ -655,6 +655,13 @@ def like_for_like(summaries: Dict[str, Dict[str, Any]], threads: int) -> Dict[st
     return {"ok": not problems, "detail": detail, "problems": problems}
 
 
+def portable_path(path: str) -> str:
+    """A data path as recorded in results: relative to the repository when inside it (results are
+    committed, so they must not carry the path of the machine they were measured on)."""
+    resolved = Path(path).expanduser().resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -741,9 +748,12 @@ def main(argv=None) -> int:
         "what": "training throughput (input tokens/s over timed steps, wall clock) and peak RSS per trainer; see "
                 "bench/train_throughput.py's docstring",
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": {k: v for k, v in spec.items() if k not in ("workdir", "prepared_dir", "prepared_path")},
+        "settings": {**{k: v for k, v in spec.items() if k not in ("workdir", "prepared_dir", "prepared_path")},
+                     "data": portable_path(spec["data"])},
         "memory_ratio_uses": memory_key,
-        "prep": prep,
+        # The prepared set lived in a work folder that is gone: record where inside it, not this machine's path.
+        "prep": {**prep, "path": str(Path(prep["path"]).relative_to(workdir))
+                 if Path(prep["path"]).is_relative_to(workdir) else prep["path"]},
         "trainers": best,
         "ratios": ratios,
         "other_ratios": {k: (round(v, 3) if v is not None else None) for k, v in extra_ratios.items()},

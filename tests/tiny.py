@@ -17,23 +17,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The HH-RLHF harmless-base test split (Bai et al. 2022; MIT), shipped in the repository: data/hh_rlhf/.
+HH_RLHF_TEST = REPO_ROOT / "data" / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def _corpus(n_lines: int = 400):
-    """Real English text to train the BPE on: the first HH-RLHF dialogues when present."""
-    path = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
-    if path.exists():
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if i >= n_lines:
-                    break
-                row = json.loads(line)
-                yield row["chosen"]
-                yield row["rejected"]
-    else:  # pragma: no cover - the shared data is always beside the checkout in CI
-        for i in range(n_lines):
-            yield f"The quick brown fox {i} jumps over the lazy dog. Human: hello? Assistant: hi there."
+    """Real English text to train the BPE on: the first HH-RLHF dialogues (shipped in data/hh_rlhf/)."""
+    with gzip.open(HH_RLHF_TEST, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= n_lines:
+                break
+            row = json.loads(line)
+            yield row["chosen"]
+            yield row["rejected"]
 
 
 def make_tokenizer(vocab_size: int = 320):
@@ -92,12 +89,9 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0, hidden_size: int = 16, 
 
 def write_hh_slice(path, n_rows: int = 60):
     """The first ``n_rows`` real HH-RLHF pairs as a plain jsonl file."""
-    import gzip
     import itertools
-    from pathlib import Path
 
-    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-    with gzip.open(source, "rt", encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
+    with gzip.open(HH_RLHF_TEST, "rt", encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
         for line in itertools.islice(f, n_rows):
             out.write(line)
     return path

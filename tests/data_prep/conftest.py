@@ -17,16 +17,14 @@ REPO_ROOT = str(Path(__file__).resolve().parents[2])
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from tiny import SHARED_DATA
-
+from tiny import HH_RLHF_TEST
 
 
 @pytest.fixture(scope="session")
 def hh_test_path() -> Path:
-    """The real HH-RLHF harmless-base test split (2,312 rows) from the shared data folder."""
-    path = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
-    assert path.is_file(), f"{path} is missing; see /work/shared/data/README.md"
-    return path
+    """The real HH-RLHF harmless-base test split (2,312 rows), shipped in data/hh_rlhf/."""
+    assert HH_RLHF_TEST.is_file(), f"{HH_RLHF_TEST} is missing; see data/hh_rlhf/README.md"
+    return HH_RLHF_TEST
 
 
 @pytest.fixture(scope="session")
