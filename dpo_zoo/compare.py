@@ -562,11 +562,16 @@ def summarize_entry(columns: Dict[str, np.ndarray], output: Dict[str, np.ndarray
     calibrated = ~ties
     win_prob = M.decided_win_prob(output["win_prob"], output.get("tie_prob"))
     length_diff = columns["chosen_len"] - columns["rejected_len"]
-    length = M.length_bias(margins, length_diff, ties)
+    # A margin within float32 rounding of 0 (the policy's pass and the cached reference batch the pairs
+    # differently) is scored as no preference, ½, and counted in rewards/zero_margins.
+    zero = M.rounding_tolerance(*(columns[f"{model}_{side}_logps"] for model in ("policy", "reference")
+                                  for side in ("chosen", "rejected")))
+    length = M.length_bias(margins, length_diff, ties, tolerance=zero)
     return {
         "pairs": int(len(margins)),
         "ties": int(ties.sum()),
-        "rewards/accuracies": M.preference_accuracy(margins, ties),
+        "rewards/accuracies": M.preference_accuracy(margins, ties, tolerance=zero),
+        "rewards/zero_margins": M.zero_margin_count(margins, ties, tolerance=zero),
         "rewards/margins": spread["mean"],
         "rewards/margins_std": spread["std"],
         "rewards/chosen": float(np.mean(output["chosen_rewards"])) if len(margins) else math.nan,

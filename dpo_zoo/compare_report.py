@@ -58,12 +58,18 @@ SUMMARY_HEADER = [
 ]
 
 
+def _accuracy_cell(metrics: Dict[str, Any]) -> str:
+    """The accuracy, and how many of its pairs had a margin 0 up to rounding (scored ½), when any did."""
+    zero = metrics.get("rewards/zero_margins")
+    return fmt(metrics["rewards/accuracies"]) + (f" ({zero} at 0)" if zero else "")
+
+
 def summary_rows(summary: Dict[str, Any]) -> List[List[str]]:
     rows = []
     for entry in summary["entries"]:
         m, kl = entry["metrics"], entry["kl"]
         rows.append([
-            entry["label"], entry["loss"], entry["reference"], fmt(m["rewards/accuracies"]),
+            entry["label"], entry["loss"], entry["reference"], _accuracy_cell(m),
             fmt(m["ties/abs_margin"]), fmt(m["ties/tie_prob"]),
             fmt_pm(m["rewards/margins"], m["rewards/margins_std"]),
             fmt(m["calibration/ece"]), fmt(m["calibration/brier"]), fmt(m["length/correlation"]),
@@ -123,7 +129,8 @@ def render_markdown(summary: Dict[str, Any]) -> str:
         "",
         markdown_table(SUMMARY_HEADER, summary_rows(summary)),
         "",
-        "acc: preference accuracy on non-tie pairs (margin > 0; exactly 0 counts ½). tie |m|, tie p: mean "
+        "acc: preference accuracy on non-tie pairs (margin > 0; a margin 0 up to float32 rounding counts ½, "
+        "and \"(n at 0)\" says how many did). tie |m|, tie p: mean "
         "|margin| and mean predicted tie probability on tie pairs. ECE: 10 equal-width bins, each pair counted "
         "in both orders; labels are soft labels where present, else 1; Brier against the same labels. "
         "len corr: Pearson(margin, chosen − rejected tokens). Δlogp: mean log π − log π_ref. KL: "
@@ -209,7 +216,9 @@ def plot_length_accuracy(tables: Sequence[Dict[str, np.ndarray]]) -> str:
     edges = length_edges(np.asarray(tables[0]["length_diff"], dtype=np.float64)[non_tie])
     centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     for table in tables:
-        bins = M.binned_accuracy(table["margin"], table["length_diff"], edges, table["is_tie"])
+        bins = M.binned_accuracy(table["margin"], table["length_diff"], edges, table["is_tie"],
+                                 tolerance=M.rounding_tolerance(table["policy_chosen_logps"], table["policy_rejected_logps"],
+                                                                table["reference_chosen_logps"], table["reference_rejected_logps"]))
         axis.plot(centers, [b["accuracy"] for b in bins], marker="o", label=str(table["entry"][0]))
     counts = [b["count"] for b in M.binned_accuracy(tables[0]["margin"], tables[0]["length_diff"], edges, tables[0]["is_tie"])]
     axis.set_xticks(centers)
@@ -297,7 +306,8 @@ def render_html(summary: Dict[str, Any], tables: Sequence[Dict[str, np.ndarray]]
         "<h1>dpo-zoo compare</h1>",
         f"<p>Held-out set <code>{html.escape(data['path'])}</code>: {data['pairs']} pairs, {data['ties']} ties.</p>",
         _html_table(SUMMARY_HEADER, summary_rows(summary)),
-        "<p class='note'>acc: accuracy on non-tie pairs (margin &gt; 0, exactly 0 counts ½). ECE: 10 equal-width "
+        "<p class='note'>acc: accuracy on non-tie pairs (margin &gt; 0; a margin 0 up to float32 rounding counts ½, "
+        "and &quot;(n at 0)&quot; says how many did). ECE: 10 equal-width "
         "bins, each pair in both orders, labels = soft label where present else 1. KL in nats per completion "
         "(± standard error), Monte Carlo and Rao–Blackwellized (Amini et al., arXiv:2504.10637).</p>",
     ]

@@ -126,7 +126,8 @@ TRAINING_METRICS = {
 }
 COMPARE_METRICS = {
     "pairs, ties": "held-out pairs scored, of which ties",
-    "rewards/accuracies": "preference accuracy on non-tie pairs: margin > 0 counts 1, margin = 0 counts ½",
+    "rewards/accuracies": "preference accuracy on non-tie pairs: margin > 0 counts 1, margin 0 up to rounding counts ½ (below)",
+    "rewards/zero_margins": "non-tie pairs whose margin is 0 up to float32 rounding, each scored ½ (below)",
     "rewards/margins, rewards/margins_std": "mean and population std of the margin on non-tie pairs",
     "rewards/chosen, rewards/rejected": "mean implicit rewards",
     "ties/abs_margin": "on tie pairs, mean |margin| (0 is ideal)",
@@ -145,6 +146,28 @@ COMPARE_METRICS = {
 }
 
 
+def zero_margin_text() -> List[str]:
+    """How compare scores a margin that is 0 up to rounding (the rule of dpo_zoo.metrics.functions)."""
+    from .metrics.functions import ROUNDING_ULPS
+
+    return [
+        "### Margins that are zero up to rounding",
+        "",
+        "A policy equal to its reference has every DPO margin 0, yet compare computes the policy's summed",
+        "log-probs in its own batches while the cached reference was computed in prep's, so in float32 the",
+        "two agree only to rounding and the margins come out as tiny numbers of either sign (about 1e-6 on",
+        "the tests' tiny model). Scoring their signs would report noise around ½. So a non-tie pair whose",
+        f"margin satisfies |m| ≤ {ROUNDING_ULPS} · ε₃₂ · max(|log π_θ(y_w)|, |log π_θ(y_l)|, |log π_ref(y_w)|, |log π_ref(y_l)|)",
+        "(ε₃₂ = 2⁻²³ ≈ 1.19e-7, the pair's summed log-probs) counts as no preference: ½ point in",
+        "`rewards/accuracies` and the `length/acc_*` splits, and one in `rewards/zero_margins` (shown as",
+        "\"(n at 0)\" beside the accuracy in summary.md and report.html). For summed log-probs of 300 nats the",
+        f"bound is {ROUNDING_ULPS * 2.0 ** -23 * 300:.1e}, far below the margins of a trained policy. Example: margins",
+        "[1e-6, 2e-6, 2e-3, −3e-3] with log-probs of magnitude 100 (bound 1.9e-4) score (½ + ½ + 1 + 0) / 4 = 0.5",
+        "with 2 zero margins, where signs alone would give 0.75. The trainer's `rewards/accuracies` keeps",
+        "TRL's strict margin > 0 per batch.",
+    ]
+
+
 def metrics_markdown() -> str:
     lines = ["# Metrics", "", GENERATED, "", "## Training (`logs.jsonl`, TensorBoard)", "",
              "Names follow TRL's DPO trainer; new ones are namespaced.", "", "| name | meaning |", "|---|---|"]
@@ -152,6 +175,7 @@ def metrics_markdown() -> str:
     lines += ["", "## Comparison (`dpo-zoo compare`: summary.json, summary.md, report.html)", "",
               "| name | meaning |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in COMPARE_METRICS.items()]
+    lines += [""] + zero_margin_text()
     lines += ["", "The comparison metrics are also `evaluate` modules: `evaluate.load(\"dpo_zoo/metrics/<name>\")`",
               "with `<name>` one of " + ", ".join(f"`{p.name}`" for p in sorted((REPO_ROOT / "dpo_zoo" / "metrics").iterdir())
                                               if p.is_dir() and not p.name.startswith("_")) + "."]

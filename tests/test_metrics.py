@@ -24,6 +24,30 @@ def test_preference_accuracy_scores_ties_apart_and_zero_margin_half():
     assert math.isnan(M.preference_accuracy([1.0, -1.0], [True, True]))  # no decided pair: undefined
 
 
+def test_margins_zero_up_to_rounding_score_half():
+    """Log-probs of magnitude 100 per pair: tolerance = 16 · 2⁻²³ · 100 = 1.9073e-4 (ROUNDING_ULPS = 16).
+    Margins [1e-6, 2e-6, 2e-3, −3e-3]: the first two are 0 up to rounding → ½ each, 2e-3 → 1, −3e-3 → 0;
+    accuracy = 2 / 4 = 0.5 with 2 zero margins, where their signs alone give 3 / 4.
+    """
+    tolerance = M.rounding_tolerance([-100.0] * 4, [-40.0, -100.0, -3.0, -7.0], [100.0] * 4, [float("nan")] * 4)
+    assert tolerance.tolist() == pytest.approx([16 * 2.0 ** -23 * 100] * 4, rel=1e-12)
+    assert tolerance[0] == pytest.approx(1.9073e-4, rel=1e-4)
+    margins = [1e-6, 2e-6, 2e-3, -3e-3]
+    assert M.preference_accuracy(margins, tolerance=tolerance) == 0.5
+    assert M.zero_margin_count(margins, tolerance=tolerance) == 2
+    assert M.preference_accuracy(margins) == 0.75 and M.zero_margin_count(margins) == 0  # tolerance 0: signs
+    # A tie pair is left out of both; a scalar tolerance works too.
+    assert M.preference_accuracy(margins, [True, False, False, False], 1e-4) == pytest.approx(1.5 / 3)
+    assert M.zero_margin_count(margins, [True, False, False, False], 1e-4) == 1
+    # The same rule in the length split: chosen longer [1e-6 → ½, 2e-3 → 1], rejected longer [2e-6 → ½, −3e-3 → 0].
+    split = M.length_bias(margins, [1, -1, 1, -1], tolerance=tolerance)
+    assert (split["acc_chosen_longer"], split["acc_rejected_longer"]) == (0.75, 0.25)
+    with pytest.raises(M.MetricInputError, match="tolerance"):
+        M.preference_accuracy(margins, tolerance=-1.0)
+    with pytest.raises(M.MetricInputError, match="`tolerance` has 2 values"):
+        M.preference_accuracy(margins, tolerance=[0.1, 0.1])
+
+
 def test_tie_summary_and_margin_summary_by_hand():
     """Same table. Ties: |0.5|, |−3| → mean |m| = 1.75; tie_prob [.1, .2, .3, .4, .6] → on ties (0.4 + 0.6)/2 = 0.5.
     Non-tie margins [2, −1, 0]: mean 1/3; population std = √(((5/3)² + (4/3)² + (1/3)²)/3) = √(42/27) = √14/3.
@@ -165,7 +189,10 @@ def test_evaluate_modules_load_offline_and_agree_with_the_functions(evaluate_mod
     accuracy = evaluate_modules["preference_accuracy"].compute(
         margins=[2.0, -1.0, 0.0, 0.5, -3.0], is_tie=[False, False, False, True, True],
         tie_prob=[0.1, 0.2, 0.3, 0.4, 0.6])
-    assert accuracy["accuracy"] == 0.5 and accuracy["n_ties"] == 2
+    assert accuracy["accuracy"] == 0.5 and accuracy["n_ties"] == 2 and accuracy["n_zero_margins"] == 1
+    within = evaluate_modules["preference_accuracy"].compute(margins=[1e-6, 2e-6, 2e-3, -3e-3], is_tie=[False] * 4,
+                                                             tolerance=1e-4)
+    assert within["accuracy"] == 0.5 and within["n_zero_margins"] == 2  # as in the rounding test above
     assert accuracy["tie_abs_margin"] == 1.75 and accuracy["tie_prob"] == pytest.approx(0.5)
     assert accuracy["margin_std"] == pytest.approx(math.sqrt(14) / 3)
 

@@ -53,18 +53,69 @@ def _mean(values: np.ndarray) -> float:
 # ==================================================================== preference accuracy
 
 
-def preference_accuracy(margins: Any, is_tie: Any = None) -> float:
-    """Accuracy on the non-tie pairs: ``mean_i( 1[m_i > 0] + ½·1[m_i = 0] )``.
+ROUNDING_ULPS = 16
+"""How many float32 epsilons of a pair's log-prob scale its margin may be from 0 and still count as 0.
 
-    A margin of exactly 0 (e.g. the policy equals the reference, so every DPO margin is 0) expresses no
+Summed log-probs are float32 sums of float32 token log-probs, and the reference pass (prep's cache)
+and compare's policy pass batch and pad the pairs differently, so the same model gives the same sum
+only up to rounding: on the tests' tiny Llama, within 0.8 ε·|sum| for batch sizes 1 to 8 and 1 or 2
+threads (ε = 2⁻²³ ≈ 1.19e-7). A DPO-family margin is β times a signed sum of the pair's four summed
+log-probs, so its rounding is below 4β·0.8 ε·max|log-prob|; 16 ε leaves a wide margin for deeper
+models and other kernels, and stays far below what a trained policy shows (16 ε × 300 nats ≈ 6e-4)."""
+
+
+def rounding_tolerance(*logps: Any) -> np.ndarray:
+    """Per pair, ``ROUNDING_ULPS · ε₃₂ · max_k |logps_k[i]|``: the largest |margin| that is 0 up to
+    float32 rounding, given the pair's summed log-probs (policy and reference, chosen and rejected).
+    ``nan`` entries (e.g. no reference) are ignored; with no array given the result is empty."""
+    if not logps:
+        return np.zeros(0)
+    first = as_array(logps[0], "logps[0]")
+    magnitudes = np.stack([np.abs(first)] + [np.abs(as_array(v, f"logps[{k}]", first.size))
+                                             for k, v in enumerate(logps[1:], start=1)])
+    scale = np.where(np.isnan(magnitudes), 0.0, magnitudes).max(axis=0)
+    return ROUNDING_ULPS * float(np.finfo(np.float32).eps) * scale
+
+
+def _tolerances(tolerance: Any, n: int) -> np.ndarray:
+    """``tolerance`` (a scalar or one value per pair) as ``n`` non-negative values."""
+    if np.ndim(tolerance) == 0:
+        tol = np.full(n, float(tolerance))
+    else:
+        tol = as_array(tolerance, "tolerance", n)
+    if np.any(np.isnan(tol)) or np.any(tol < 0):
+        raise MetricInputError("`tolerance` must be >= 0 (the largest |margin| that counts as 0)")
+    return tol
+
+
+def _zero_mask(m: np.ndarray, tolerance: Any) -> np.ndarray:
+    """``|m_i| ≤ tolerance_i``: the margins that are 0 up to rounding (exact zeros for tolerance 0)."""
+    return np.abs(m) <= _tolerances(tolerance, m.size)
+
+
+def preference_accuracy(margins: Any, is_tie: Any = None, tolerance: Any = 0.0) -> float:
+    """Accuracy on the non-tie pairs: ``mean_i( 1[m_i > t_i] + ½·1[|m_i| ≤ t_i] )``.
+
+    A margin that is 0 (e.g. the policy equals the reference, so every DPO margin is 0) expresses no
     preference, so it earns half a point, as a coin flip would on average, rather than 0 as a strict
-    ``>`` gives (TRL's ``rewards/accuracies``) or 1 as ``≥`` would. Tie pairs are left out: their order
-    is arbitrary (see :func:`tie_summary` for them). ``nan`` when there is no non-tie pair.
+    ``>`` gives (TRL's ``rewards/accuracies``) or 1 as ``≥`` would. "0" means 0 up to rounding:
+    ``|m_i| ≤ t_i``, with ``tolerance`` ``t`` a scalar or one value per pair (compare passes
+    :func:`rounding_tolerance` of the pair's log-probs; the default 0 counts only exact zeros), so a
+    policy equal to its reference scores exactly ½ however the rounding falls. Tie pairs are left out:
+    their order is arbitrary (see :func:`tie_summary` for them). ``nan`` when there is no non-tie pair.
     """
     m = as_array(margins, "margins")
     keep = ~_tie_mask(is_tie, m.size)
-    scores = (m[keep] > 0).astype(np.float64) + 0.5 * (m[keep] == 0)
-    return _mean(scores)
+    zero = _zero_mask(m, tolerance)
+    scores = ((m > 0) & ~zero).astype(np.float64) + 0.5 * zero
+    return _mean(scores[keep])
+
+
+def zero_margin_count(margins: Any, is_tie: Any = None, tolerance: Any = 0.0) -> int:
+    """How many non-tie pairs have a margin that is 0 up to ``tolerance`` (each scored ½ by
+    :func:`preference_accuracy`)."""
+    m = as_array(margins, "margins")
+    return int((_zero_mask(m, tolerance) & ~_tie_mask(is_tie, m.size)).sum())
 
 
 def tie_summary(margins: Any, is_tie: Any, tie_prob: Any = None) -> Dict[str, float]:
@@ -191,7 +242,7 @@ def pearson(x: Any, y: Any) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else math.nan
 
 
-def length_bias(margins: Any, length_diff: Any, is_tie: Any = None) -> Dict[str, float]:
+def length_bias(margins: Any, length_diff: Any, is_tie: Any = None, tolerance: Any = 0.0) -> Dict[str, float]:
     """How rewards follow length (Singhal et al., *A Long Way to Go: Investigating Length Correlations in
     RLHF*, arXiv:2310.03716; Park et al., *Disentangling Length from Quality in Direct Preference
     Optimization*, arXiv:2403.19159).
@@ -200,26 +251,30 @@ def length_bias(margins: Any, length_diff: Any, is_tie: Any = None) -> Dict[str,
     Pearson(margin, length_diff) over **all** pairs (swapping a tie pair flips both signs, so its
     order does not matter), and accuracy (:func:`preference_accuracy`) on the non-tie pairs split by
     which side is longer: ``acc_chosen_longer``, ``acc_rejected_longer``, ``acc_same_length``, with
-    their counts ``n_*``. A length-exploiting model scores high when the chosen side is longer and low
-    when it is shorter.
+    their counts ``n_*`` (``tolerance`` as in :func:`preference_accuracy`). A length-exploiting model
+    scores high when the chosen side is longer and low when it is shorter.
     """
     m = as_array(margins, "margins")
     d = as_array(length_diff, "length_diff", m.size)
     ties = _tie_mask(is_tie, m.size)
+    tol = _tolerances(tolerance, m.size)
     out: Dict[str, float] = {"correlation": pearson(m, d)}
     for name, part in (("chosen_longer", d > 0), ("rejected_longer", d < 0), ("same_length", d == 0)):
         keep = part & ~ties
-        out[f"acc_{name}"] = preference_accuracy(m[keep])
+        out[f"acc_{name}"] = preference_accuracy(m[keep], tolerance=tol[keep])
         out[f"n_{name}"] = int(keep.sum())
     return out
 
 
-def binned_accuracy(margins: Any, values: Any, edges: Sequence[float], is_tie: Any = None) -> List[Dict[str, float]]:
+def binned_accuracy(margins: Any, values: Any, edges: Sequence[float], is_tie: Any = None,
+                    tolerance: Any = 0.0) -> List[Dict[str, float]]:
     """:func:`preference_accuracy` of the non-tie pairs whose ``values`` fall in ``[edges[k], edges[k+1])``
-    (the last bin closed), one dict per bin: ``lower``, ``upper``, ``count``, ``accuracy``."""
+    (the last bin closed), one dict per bin: ``lower``, ``upper``, ``count``, ``accuracy`` (``tolerance``
+    as in :func:`preference_accuracy`)."""
     m = as_array(margins, "margins")
     v = as_array(values, "values", m.size)
     keep = ~_tie_mask(is_tie, m.size)
+    tol = _tolerances(tolerance, m.size)
     edges = [float(e) for e in edges]
     if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
         raise MetricInputError(f"`edges` must be at least two increasing values, got {edges}")
@@ -228,7 +283,7 @@ def binned_accuracy(margins: Any, values: Any, edges: Sequence[float], is_tie: A
         last = k == len(edges) - 2
         inside = keep & (v >= lower) & ((v <= upper) if last else (v < upper))
         out.append({"lower": lower, "upper": upper, "count": int(inside.sum()),
-                    "accuracy": preference_accuracy(m[inside])})
+                    "accuracy": preference_accuracy(m[inside], tolerance=tol[inside])})
     return out
 
 
