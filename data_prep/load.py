@@ -1,6 +1,7 @@
 """``load_splits``: read the configured data with its preprocessor, validate it, and split it.
 
-Order of work: read every row of ``data.train_path`` (and ``data.heldout_path``) → convert each row to a
+Order of work: read every row of ``data.train_path`` (and ``data.heldout_path``), or of the Hub data
+set's splits (``data.hub``, :mod:`data_prep.hub`) → convert each row to a
 :class:`PreferencePair` with the preprocessor (bad rows raise or are counted, per ``data.on_bad_row``)
 → reject repeated ids (within a file, and held-out pairs whose id is also a training id) → split off
 the held-out pairs when there is no held-out file (by a hash of the id: deterministic, independent of
@@ -20,7 +21,8 @@ from dpo_zoo.errors import DataError
 from . import hh_rlhf, ultrafeedback
 from .drops import DUPLICATE_ID, BadRow, DropReport, RowPolicy
 from .normalize import PAIR_FIELDS, Row, check_columns, check_encodable, generic_pair, heldout_by_hash
-from .readers import open_rows
+from .hub import hub_settings, open_hub
+from .readers import RowSource, open_rows
 from .schema import PreferencePair
 from .vader import load_vader
 
@@ -35,7 +37,9 @@ class LoadedSplits:
 
     ``sources``: every file read (for content hashing). ``fingerprint``: sha256 over the normalized pairs
     of both splits in order (the "data content" field of the cache key). ``stats``: what the
-    preprocessor counted (e.g. VADER's snippets, pairs and ties per source).
+    preprocessor counted (e.g. VADER's snippets, pairs and ties per source). ``origin``: for a Hub data
+    set, what identifies it beyond its content (name, data_dir, data_files, splits, the commit its
+    revision resolved to), for the cache key and the manifest; empty for files.
     """
 
     train: List[PreferencePair]
@@ -44,6 +48,7 @@ class LoadedSplits:
     sources: List[str]
     fingerprint: str
     stats: Dict[str, Any] = field(default_factory=dict)
+    origin: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ def _file_options(name: str, pre: FilePreprocessor, options: Mapping[str, Any]) 
 
 
 def read_pairs(
-    path: str,
+    source: RowSource,
     *,
     name: str,
     pre: FilePreprocessor,
@@ -113,10 +118,9 @@ def read_pairs(
     options: Mapping[str, Any],
     policy: RowPolicy,
     drops: DropReport,
-    role: str,
 ) -> Tuple[List[PreferencePair], List[str]]:
-    """Every valid pair of one input, in file order, and the files read."""
-    source = open_rows(path, role=role, split=options.get(f"{role}_split"))
+    """Every valid pair of one input (a file, a saved folder's split or a Hub split), in order, and the
+    files read."""
     if source.column_names is not None:
         # Required fields, and every column data.columns names explicitly, must exist in a columnar file.
         wanted = list(pre.required) + [c for c in columns if c not in pre.required]
@@ -214,9 +218,15 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
         raise DataError(f"`data.heldout_fraction`: must be in [0, 1), got {fraction!r}")
     options = dict(s.get("options") or {})
     train_path, heldout_path = s.get("train_path"), s.get("heldout_path")
+    hub = hub_settings(s)
     stats: Dict[str, Any] = {"preprocessor": name}
+    origin: Dict[str, Any] = {}
+    has_heldout = bool(heldout_path)
 
     if name == "vader":
+        if hub is not None:
+            raise DataError("`data.hub.path`: the vader preprocessor reads the VADER ratings (data.train_path), "
+                            "not a Hub data set; set data.hub.path to null")
         if s.get("columns"):
             raise DataError("`data.columns`: the vader preprocessor reads a fixed layout; remove data.columns")
         if heldout_path:
@@ -231,12 +241,23 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
         pre = FILE_PREPROCESSORS[name]
         opts = _file_options(name, pre, options)
         columns = check_columns(s.get("columns") or {}, pre.columns, name)
-        if not train_path:
-            raise DataError(f"`data.train_path`: required by the {name} preprocessor")
+        if not train_path and hub is None:
+            raise DataError(f"`data.train_path` (or `data.hub.path`): required by the {name} preprocessor")
         common = dict(name=name, pre=pre, columns=columns, options=opts, policy=policy, drops=drops)
-        train, sources = read_pairs(train_path, role="train", **common)
-        if heldout_path:
-            heldout, heldout_files = read_pairs(heldout_path, role="heldout", **common)
+        hub_data = open_hub(hub) if hub is not None else None
+
+        def open_source(role: str) -> RowSource:
+            if hub_data is not None:
+                return hub_data.rows(role)
+            return open_rows(train_path if role == "train" else heldout_path, role=role, split=opts.get(f"{role}_split"))
+
+        has_heldout = bool(heldout_path) or (hub is not None and hub.heldout_split is not None)
+        if hub_data is not None:
+            origin = {**hub_data.origin, "split": hub_data.pick_split("train"),
+                      "heldout_split": hub_data.pick_split("heldout") if has_heldout else None} if hub_data.origin else {}
+        train, sources = read_pairs(open_source("train"), **common)
+        if has_heldout:
+            heldout, heldout_files = read_pairs(open_source("heldout"), **common)
             sources = sources + [f for f in heldout_files if f not in sources]
             heldout = _without_training_ids(heldout, train, policy)
         else:
@@ -247,10 +268,12 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
     train = _cap(train, s.get("max_train_pairs"), "max_train_pairs", drops)
     heldout = _cap(heldout, s.get("max_heldout_pairs"), "max_heldout_pairs", drops)
     if not train:
-        where = train_path or "the VADER data"
+        where = train_path or (hub.describe() if hub is not None else "the VADER data")
         raise DataError(f"{where}: no training pairs left.\n{drops.summary()}")
-    if heldout_path and not stats["heldout_pairs_before_cap"]:
-        raise DataError(f"{heldout_path}: no held-out pairs left (data.heldout_path names this file; set it to null "
+    if has_heldout and not stats["heldout_pairs_before_cap"]:
+        where, key = (heldout_path, "data.heldout_path names this file") if heldout_path else (
+            f"{hub.path}:{hub.heldout_split}", "data.hub.heldout_split names this split")
+        raise DataError(f"{where}: no held-out pairs left ({key}; set it to null "
                         f"to split the held-out pairs off the training data).\n{drops.summary()}")
     stats["train_pairs"], stats["heldout_pairs"] = len(train), len(heldout)
-    return LoadedSplits(train, heldout, drops, list(sources), fingerprint(train, heldout), stats)
+    return LoadedSplits(train, heldout, drops, list(sources), fingerprint(train, heldout), stats, origin)

@@ -13,6 +13,8 @@ Formats, chosen by the path:
 * **Saved ``datasets`` folders** (``datasets.save_to_disk``): a ``Dataset``, or a ``DatasetDict`` from
   which one split is picked (``options.train_split`` / ``options.heldout_split``, else the first of the
   usual names that exists).
+* Data sets on the Hub (or folders laid out like one) are opened by :mod:`data_prep.hub` and read
+  through :func:`dataset_rows`.
 
 Each row comes out as ``(row, dict)``, or ``(row, BadRow)`` when the row itself cannot be read
 (undecodable bytes, malformed JSON, not an object); the caller applies ``on_bad_row``.
@@ -46,13 +48,15 @@ _SUFFIXES = (".jsonl.gz", ".ndjson.gz", ".json.gz", ".jsonl", ".ndjson", ".json"
 @dataclass
 class RowSource:
     """The rows of one input: ``name`` (shown in messages), ``stem`` (for default ids ``<stem>:<row>``),
-    ``files`` (every file read, for content hashing) and the row iterator."""
+    ``files`` (every file read, for content hashing) and the row iterator. A columnar input (Parquet, a
+    ``datasets`` split) also has its ``column_names`` and their Arrow ``schema``, checked before any row."""
 
     name: str
     stem: str
     files: List[str]
     rows: Iterator[RawRow]
     column_names: Optional[List[str]] = field(default=None)
+    schema: Any = None
 
 
 def file_stem(path: Path) -> str:
@@ -74,7 +78,8 @@ def open_rows(path: str | Path, *, role: str = "train", split: Optional[str] = N
     name = path.name.lower()
     if name.endswith(".parquet"):
         parquet = _open_parquet(path)
-        return RowSource(str(path), file_stem(path), [str(path)], _parquet_rows(parquet), parquet.schema_arrow.names)
+        return RowSource(str(path), file_stem(path), [str(path)], _parquet_rows(parquet), parquet.schema_arrow.names,
+                         parquet.schema_arrow)
     if name.endswith((".json", ".json.gz")):
         return RowSource(str(path), file_stem(path), [str(path)], _json_rows(path))
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
@@ -196,10 +201,12 @@ def _dataset_folder(path: Path, *, role: str, split: Optional[str]) -> RowSource
     files = sorted(str(p) for p in root.rglob("*") if p.is_file())
     if root != path and (path / "dataset_dict.json").is_file():
         files.insert(0, str(path / "dataset_dict.json"))
-    return RowSource(name, stem, files, _dataset_rows(loaded), column_names=list(loaded.column_names))
+    return RowSource(name, stem, files, dataset_rows(loaded), column_names=list(loaded.column_names),
+                     schema=loaded.features.arrow_schema)
 
 
-def _dataset_rows(dataset: Any) -> Iterator[RawRow]:
+def dataset_rows(dataset: Any) -> Iterator[RawRow]:
+    """The rows of a ``datasets.Dataset``, numbered from 0, read a batch at a time."""
     row = 0
     columns = list(dataset.column_names)
     for batch in dataset.iter(batch_size=1024):

@@ -52,9 +52,30 @@ class ModelConfig:
 
 
 @dataclass
+class HubDataConfig:
+    # A data set on the Hugging Face Hub ("org/name"), or a local folder laid out like one, read with
+    # datasets.load_dataset (HF_TOKEN, HF_HOME, HF_HUB_OFFLINE apply). null: read data.train_path.
+    path: Optional[str] = None
+    # The data set's configuration (load_dataset's `name`); null: its default one.
+    name: Optional[str] = None
+    # A folder inside the repository to read, e.g. harmless-base for Anthropic/hh-rlhf.
+    data_dir: Optional[str] = None
+    # Files inside the repository to read instead of its own layout: a glob, a list, or {split: glob}.
+    data_files: Any = None
+    # Branch, tag or commit (Hub only); the commit it resolves to enters the cache key and manifest.
+    revision: str = "main"
+    # The training split; null: train, else train_prefs (the first that exists).
+    split: Optional[str] = None
+    # The held-out split (e.g. test, test_prefs); null: hold out data.heldout_fraction of the training split.
+    heldout_split: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    # Which preprocessor reads `train_path`: generic | hh_rlhf | vader | ultrafeedback.
+    # Which preprocessor reads the data: generic | hh_rlhf | vader | ultrafeedback.
     preprocessor: str = "generic"
+    # A Hub data set (or a local folder laid out like one) instead of train_path / heldout_path.
+    hub: HubDataConfig = field(default_factory=HubDataConfig)
     # jsonl / jsonl.gz / json / parquet file, or a saved `datasets` folder. For `vader`: the
     # vaderSentiment source distribution or its hutto_ICWSM_2014 tarball (null: fetched from PyPI).
     train_path: Optional[str] = None
@@ -213,10 +234,10 @@ NON_NEGATIVE = (
 
 
 def _flatten(node: Any, prefix: str = "") -> List[Tuple[str, Any]]:
-    """Dotted (key, leaf) pairs of a plain nested dict; dicts under ``loss``/``columns``/``options`` and
-    empty dicts stay leaves so their own rules apply."""
+    """Dotted (key, leaf) pairs of a plain nested dict; dicts under ``loss``/``columns``/``options``/
+    ``hub.data_files`` and empty dicts stay leaves so their own rules apply."""
     out: List[Tuple[str, Any]] = []
-    if isinstance(node, dict) and node and prefix not in ("data.columns", "data.options"):
+    if isinstance(node, dict) and node and prefix not in ("data.columns", "data.options", "data.hub.data_files"):
         for key, value in node.items():
             out.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     else:

@@ -231,16 +231,18 @@ def chat_template_key(setting: str, tokenizer: Any, pairs: Sequence[S.Preference
 
 
 def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokenizer: Any, tokenizer_hash: str,
-              reference: Dict[str, Any]) -> Dict[str, Any]:
+              reference: Dict[str, Any], data_source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The whole key of one split's prepared set: every setting its stored values depend on.
 
     ``data.on_bad_row`` is part of it: rows dropped at tokenization under ``skip`` (e.g. a completion
     truncated to nothing) must be reported again, as errors, by a later prep with ``error``, not hidden
     behind a cache hit. ``batch_size`` / ``shard_size`` change no value and are left out.
+    ``data_source``: a Hub data set's identity and resolved commit (``LoadedSplits.origin``), so a
+    moved revision is a miss that names it; files are keyed by content alone (no such field).
     """
     data, prep = cfg.data, cfg.prep
     setting, template = chat_template_key(str(prep.chat_template), tokenizer, pairs)
-    return {
+    key = {
         "schema_version": S.SCHEMA_VERSION,
         "split": split,
         "reference_source": reference["source"],
@@ -265,6 +267,9 @@ def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokeni
         },
         "data": pairs_fingerprint(pairs),
     }
+    if data_source:
+        key["data_source"] = dict(data_source)
+    return key
 
 
 def _plain(node: Any) -> Any:
@@ -321,7 +326,8 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     keys = {
         split: cache_key(cfg, split=split, pairs=getattr(splits, split), tokenizer=tokenizer,
-                         tokenizer_hash=tokenizer_hash, reference=reference)
+                         tokenizer_hash=tokenizer_hash, reference=reference,
+                         data_source=getattr(splits, "origin", None))
         for split in SPLITS
     }
     return _Context(model_path, tokenizer, splits, reference, reference_file, keys)
@@ -478,6 +484,7 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
                 "reference_logps_path": str(cfg.prep.reference_logps_path) if cfg.prep.reference_logps_path else None,
                 "sources": list(getattr(context.splits, "sources", []) or []),
                 "source_fingerprint": getattr(context.splits, "fingerprint", None),
+                "data_source": getattr(context.splits, "origin", None) or None,
             },
             split=split,
         )

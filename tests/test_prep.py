@@ -218,6 +218,30 @@ def test_changing_a_key_field_is_a_miss_that_names_it(workdir, field):
     assert len(state.reasons) == len(expected), state.reasons  # only the changed field(s)
 
 
+def test_a_hub_data_sets_moved_commit_is_a_miss_that_names_it(workdir, monkeypatch):
+    """What identifies a Hub data set beyond its rows (LoadedSplits.origin: the resolved commit) is part
+    of the key: a `main` that moved is a miss naming data_source, even when the rows are the same."""
+    import data_prep
+
+    read, commit = data_prep.load_splits, {"now": "a" * 40}
+
+    def from_the_hub(data_cfg):
+        splits = read(data_cfg)
+        splits.origin = {"hub": "org/prefs", "revision": "main", "commit": commit["now"], "split": "train"}
+        return splits
+
+    monkeypatch.setattr(data_prep, "load_splits", from_the_hub)
+    paths = run_prep(make_cfg())
+    manifest = read_manifest(paths["train"])
+    assert manifest["key"]["data_source"]["commit"] == "a" * 40
+    assert manifest["extra"]["data_source"]["hub"] == "org/prefs"
+    assert lookup(paths["train"], _load_context(make_cfg(), Processes(single=True)).keys["train"]).status == "hit"
+    commit["now"] = "b" * 40
+    state = lookup(paths["train"], _load_context(make_cfg(), Processes(single=True)).keys["train"])
+    assert state.status == "miss" and len(state.reasons) == 1
+    assert state.reasons[0].startswith("data_source commit "), state.reasons
+
+
 def _add_rows_without_prompt_tokens(path: Path, n: int) -> None:
     """Rows that pass loading but are dropped at tokenization: an empty string prompt has no tokens."""
     with open(path, "a") as f:

@@ -93,7 +93,7 @@ def test_accepts_the_loaded_read_only_config(write_jsonl):
 def test_setting_errors(write_jsonl):
     with pytest.raises(DataError, match="`data.preprocessor`: 'csv' is not one of generic, hh_rlhf, ultrafeedback, vader"):
         load_splits(DataConfig(preprocessor="csv", train_path="x"))
-    with pytest.raises(DataError, match="`data.train_path`: required by the generic preprocessor"):
+    with pytest.raises(DataError, match=r"`data.train_path` \(or `data.hub.path`\): required by the generic preprocessor"):
         load_splits(DataConfig())
     with pytest.raises(DataError, match=r"`data.heldout_fraction`: must be in \[0, 1\)"):
         load_splits(DataConfig(train_path=str(write_jsonl("a.jsonl", rows(2))), heldout_fraction=1.0))
