@@ -40,13 +40,15 @@ file's sha256 matches the sidecar: a killed prep resumes from there, recomputing
     drops         the drop report summary of the data load and tokenization
     layout        shard_size, batch_size, world_size (how it was computed; not part of the key:
                   they change no value beyond floating-point rounding of differently padded batches)
-    extra         provenance: model name and folder, reference file, data sources, data_prep fingerprint
+    extra         provenance: model name, folder, revision and commit, reference file, data sources,
+                  data_prep fingerprint
 
 **Key.** Every setting baked into the stored values: reference weights (sha256 per weight file) or the
-sha256 of a user-supplied reference file, tokenizer fingerprint, chat template, max_length,
-max_prompt_length, truncation_mode, the chat_template setting, preprocessor + options + column map +
-split settings, a fingerprint of the split's pair content, dtype, topk and the schema version. A
-lookup with another key is a miss whose message names every differing field.
+sha256 of a user-supplied reference file, the commit a Hub model's revision resolved to
+(``model_revision``), tokenizer fingerprint, chat template, max_length, max_prompt_length,
+truncation_mode, the chat_template setting, preprocessor + options + column map + split settings, a
+fingerprint of the split's pair content, dtype, topk and the schema version. A lookup with another
+key is a miss whose message names every differing field.
 
 Reading: :class:`PreparedSet` memory-maps the shards (nothing is loaded whole); ``verify_prepared_set``
 runs the full check behind ``dpo-zoo prep --verify``.

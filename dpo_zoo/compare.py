@@ -151,9 +151,7 @@ def open_subject(path: str, cfg, loss_names: Optional[List[str]]) -> Subject:
         plugin = (record.get("config") or {}).get("loss", {}).get("plugin")
         if plugin:
             load_loss_plugin(str(plugin))
-        base = Path(record["base_model"])
-        if not base.is_dir():
-            raise CompareError(f"{folder / RUN_FILE}: `base_model` {base} is not a folder on this machine")
+        base = _run_base_model(folder / RUN_FILE, record)
         token_hash = (record.get("cache_key") or {}).get("tokenizer")
         source = f"{folder / RUN_FILE} `cache_key.tokenizer`"
         if not token_hash:
@@ -169,12 +167,7 @@ def open_subject(path: str, cfg, loss_names: Optional[List[str]]) -> Subject:
             adapter_config = json.loads((folder / "adapter_config.json").read_text())
         except ValueError as err:
             raise CompareError(f"{folder / 'adapter_config.json'}: not valid JSON ({err})") from None
-        base = Path(str(adapter_config.get("base_model_name_or_path") or ""))
-        if not base.is_dir():
-            raise CompareError(
-                f"{folder / 'adapter_config.json'}: `base_model_name_or_path` {str(base)!r} is not a local model "
-                "folder; dpo_zoo does not download models"
-            )
+        base = _adapter_base_model(folder / "adapter_config.json", adapter_config)
         adapter = True
     elif (folder / "config.json").is_file():
         base, adapter = resolve_model_path(cfg.model), False
@@ -189,6 +182,37 @@ def open_subject(path: str, cfg, loss_names: Optional[List[str]]) -> Subject:
                    losses=_entry_losses([(name, hparams)], loss_names),
                    tokenizer_hash=tokenizer_fingerprint(tokenizer_dir),
                    tokenizer_source=f"the tokenizer files in {tokenizer_dir}")
+
+
+def _run_base_model(run_file: Path, record: Dict[str, Any]) -> Path:
+    """The base model of a run: the folder ``run.json`` names, or, where that folder is not on this
+    machine and the base came from the Hub, the same commit fetched again (from the Hugging Face cache
+    when it is there)."""
+    from .models import resolve_hub_model
+
+    base = Path(record["base_model"])
+    if base.is_dir():
+        return base
+    source = record.get("base_model_source") or {}
+    if source.get("commit"):
+        return resolve_hub_model(str(source["name_or_path"]), str(source["commit"])).path
+    raise CompareError(f"{run_file}: `base_model` {base} is not a folder on this machine")
+
+
+def _adapter_base_model(config_file: Path, adapter_config: Dict[str, Any]) -> Path:
+    """The base of a PEFT adapter folder: ``base_model_name_or_path`` as a local folder, else as a Hub
+    repo at the adapter's ``revision`` (``main`` when it records none)."""
+    from .models import DEFAULT_REVISION, is_hub_repo_id, resolve_hub_model
+
+    name = str(adapter_config.get("base_model_name_or_path") or "")
+    if name and Path(name).is_dir():
+        return Path(name)
+    if is_hub_repo_id(name):
+        return resolve_hub_model(name, str(adapter_config.get("revision") or DEFAULT_REVISION)).path
+    raise CompareError(
+        f"{config_file}: `base_model_name_or_path` {name!r} is neither a local model folder nor a Hugging Face "
+        "Hub name (org/name)"
+    )
 
 
 def _entry_losses(own, loss_names):

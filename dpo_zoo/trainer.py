@@ -166,9 +166,11 @@ def micro_batch_indices(n_pairs: int, seed: int, step: int, micro: int, cfg_trai
 
 
 def load_policy(cfg, run: Run):
-    from .models import load_model, load_tokenizer, resolve_model_path
+    """(policy, tokenizer, :class:`~dpo_zoo.models.ResolvedModel` it started from)."""
+    from .models import load_model, load_tokenizer, resolve_model
 
-    model_path = resolve_model_path(cfg.model)
+    source = resolve_model(cfg.model)
+    model_path = source.path
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
     if cfg.train.gradient_checkpointing:
@@ -188,9 +190,15 @@ def load_policy(cfg, run: Run):
                 task_type="CAUSAL_LM",
             ),
         )
+        if source.from_hub:
+            # adapter_config.json then names the base as the Hub knows it (repo and commit), so the
+            # adapter loads anywhere with `PeftModel.from_pretrained`, not only beside this snapshot folder.
+            adapter_config = model.peft_config["default"]
+            adapter_config.base_model_name_or_path = source.name_or_path
+            adapter_config.revision = source.commit
         if cfg.train.gradient_checkpointing:
             model.enable_input_require_grads()
-    return model, tokenizer, model_path
+    return model, tokenizer, source
 
 
 def choose_reference(cfg, loss: Loss, train_set) -> str:
@@ -222,9 +230,12 @@ def missing_from_cache(loss: Loss, train_set) -> List[str]:
     return missing
 
 
-def preflight(cfg, loss: Loss, train_set, policy, tokenizer, model_path: Path, reference_mode: str) -> None:
-    """Refuse runs that cannot be right, before any compute is spent."""
+def preflight(cfg, loss: Loss, train_set, policy, tokenizer, source, reference_mode: str) -> None:
+    """Refuse runs that cannot be right, before any compute is spent (``source``: the
+    :class:`~dpo_zoo.models.ResolvedModel` the policy starts from)."""
     from .models import tokenizer_fingerprint, weights_fingerprint
+
+    model_path = source.path
 
     problems = []
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -244,10 +255,14 @@ def preflight(cfg, loss: Loss, train_set, policy, tokenizer, model_path: Path, r
     if reference_mode == "cache" and key.get("model_weights"):
         weights = weights_fingerprint(model_path)
         if dict(key["model_weights"]) != weights:
+            moved = ""
+            if source.from_hub and key.get("model_revision") and key["model_revision"] != source.commit:
+                moved = (f" (prepared at commit {str(key['model_revision'])[:12]}; model.revision "
+                         f"'{source.revision}' of {source.name_or_path} now resolves to {source.commit[:12]})")
             problems.append(
                 f"the reference log-probs at {train_set.path} were computed by another model "
-                f"than the policy's initial weights at {model_path}: prepare again with this model, or train "
-                "with `train.reference=live`"
+                f"than the policy's initial weights at {model_path}{moved}: prepare again with this model, or "
+                "train with `train.reference=live`"
             )
     if problems:
         raise TrainingError("cannot train:\n  - " + "\n  - ".join(problems))
@@ -494,9 +509,10 @@ def train(cfg) -> Path:
         )
 
     # ---- data and model
-    policy, tokenizer, model_path = load_policy(cfg, run)
+    policy, tokenizer, source = load_policy(cfg, run)
+    model_path = source.path
     reference_mode = choose_reference(cfg, loss, train_set)
-    preflight(cfg, loss, train_set, policy, tokenizer, model_path, reference_mode)
+    preflight(cfg, loss, train_set, policy, tokenizer, source, reference_mode)
     pad_id = tokenizer.pad_token_id
 
     # ---- engine, reference, resume
@@ -579,7 +595,7 @@ def train(cfg) -> Path:
     eval_metrics = evaluate(engine, loss, heldout, cfg, run, pad_id, reference) if heldout is not None else {}
     if eval_metrics:
         run.log({"step": max_steps, **eval_metrics})
-    save_final(engine, tokenizer, cfg, run, train_set, model_path, reference_mode, {**last_metrics, **eval_metrics})
+    save_final(engine, tokenizer, cfg, run, train_set, source, reference_mode, {**last_metrics, **eval_metrics})
     for handle in watch.handles:
         handle.remove()
     run.close()
@@ -675,8 +691,12 @@ def _resume(engine, run: Run, cfg, identity: Dict[str, Any]) -> int:
     return step
 
 
-def save_final(engine, tokenizer, cfg, run: Run, train_set, model_path: Path, reference_mode: str, metrics) -> None:
-    """``save_pretrained`` (safetensors; the adapter alone for LoRA), tokenizer, and run.json."""
+def save_final(engine, tokenizer, cfg, run: Run, train_set, source, reference_mode: str, metrics) -> None:
+    """``save_pretrained`` (safetensors; the adapter alone for LoRA), tokenizer, and run.json.
+
+    ``base_model`` is the folder the policy started from; ``base_model_source`` says where that folder
+    came from (``name_or_path``, and for a Hub model the ``revision`` asked for and the ``commit`` it
+    resolved to), so compare can fetch the same base again on a machine without that folder."""
     final_dir = run.output_dir / FINAL_DIR
     module = engine.module
     if engine.zero_optimization_stage() == 3:
@@ -691,7 +711,8 @@ def save_final(engine, tokenizer, cfg, run: Run, train_set, model_path: Path, re
         record = {
             "loss": name,
             "loss_hparams": hparams,
-            "base_model": str(model_path),
+            "base_model": str(source.path),
+            "base_model_source": source.record(),
             "lora": bool(cfg.train.lora.enabled),
             "reference": reference_mode,
             "prepared_set": str(train_set.path),
