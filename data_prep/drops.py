@@ -21,27 +21,37 @@ from typing import Any, Dict, List, Optional
 
 from dpo_zoo.errors import DataError
 
-# --- reasons (stable strings: they are the keys of DropReport.counts and appear in reports) --------
+# --- reasons (stable strings: they are the keys of DropReport.counts, appear in reports and errors, and
+# are listed in the README; each names its category the way a user would search for it) -------------
 MALFORMED_JSON = "malformed JSON"
 UNDECODABLE = "undecodable text"
 NOT_AN_OBJECT = "row is not an object"
 MALFORMED_LINE = "malformed line"
 MISSING_FIELD = "missing field"
-NOT_TEXT = "not text"
+WRONG_TYPE = "wrong type"  # a number where text is expected, a malformed message list, text for a weight
 MIXED_FORMATS = "mixed text and messages"
-BAD_VALUE = "bad value"
+BAD_VALUE = "bad value"  # the right type, out of range (a negative weight, chosen scored below rejected)
+BAD_ROLE = "bad role"  # a message role other than system, user, assistant, tool
 EMPTY_COMPLETION = "empty completion"
+EMPTY_PROMPT = "empty prompt"  # the prompt has no tokens to predict the first completion token from
 IDENTICAL = "chosen identical to rejected"
 NO_SHARED_PROMPT = "no shared prompt"
 NOT_A_COMPLETION = "completion is not an assistant reply"
 DUPLICATE_ID = "duplicate id"
+DUPLICATE_ROW = "duplicate row"  # an exact copy of an earlier row (dropped only with data.drop_duplicate_rows)
 NOT_HH_DIALOGUE = "not an HH-RLHF dialogue"
 HH_DIVERGED = "dialogues diverge before the final assistant turn"
 UNMATCHED_SNIPPET = "snippet without ratings"
 TEMPLATE_ERROR = "chat template rejected the messages"
 TEMPLATE_NOT_PREFIX = "chat template output does not start with the rendered prompt"
-NO_PROMPT_TOKENS = "prompt has no tokens"
 TRUNCATED_TO_NOTHING = "completion truncated to nothing"
+# Every reason, in the order the README lists them.
+REASONS = (
+    MISSING_FIELD, WRONG_TYPE, BAD_VALUE, BAD_ROLE, MIXED_FORMATS, EMPTY_PROMPT, EMPTY_COMPLETION, IDENTICAL,
+    NO_SHARED_PROMPT, NOT_A_COMPLETION, DUPLICATE_ID, DUPLICATE_ROW, TRUNCATED_TO_NOTHING, TEMPLATE_ERROR,
+    TEMPLATE_NOT_PREFIX, MALFORMED_JSON, UNDECODABLE, NOT_AN_OBJECT, NOT_HH_DIALOGUE, HH_DIVERGED,
+    MALFORMED_LINE, UNMATCHED_SNIPPET,
+)
 
 ON_BAD_ROW = ("error", "skip")
 _DETAIL_CHARS = 300  # details quote data; keep reports readable

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import List
 
-from .drops import HH_DIVERGED, NOT_HH_DIALOGUE, BadRow
+from .drops import HH_DIVERGED, NOT_HH_DIALOGUE, WRONG_TYPE, BadRow
 from .normalize import Row, as_text, make_pair, parse_id
 from .schema import Message, PreferencePair
 
@@ -55,7 +55,7 @@ def hh_pair(row: Row, *, file: str, row_index: int, stem: str, as_messages: bool
     rejected = as_text(row.require("rejected"), rejected_field)
     for name, value in ((chosen_field, chosen), (rejected_field, rejected)):
         if not isinstance(value, str):
-            raise BadRow(NOT_HH_DIALOGUE, name, "expected the dialogue as one string, got a message list")
+            raise BadRow(WRONG_TYPE, name, "expected the dialogue as one string, got a message list")
     chosen_turns = parse_dialogue(chosen, chosen_field)
     rejected_turns = parse_dialogue(rejected, rejected_field)
     if chosen_turns[:-1] != rejected_turns[:-1]:

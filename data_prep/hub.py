@@ -136,7 +136,7 @@ class HubData:
         files = [entry["filename"] for entry in (dataset.cache_files or [])]
         name = f"{self.settings.path}:{split}"
         return RowSource(name, f"{Path(self.settings.path).name}/{split}", files, dataset_rows(dataset),
-                         column_names=list(dataset.column_names), schema=dataset.features.arrow_schema)
+                         column_names=list(dataset.column_names), schema=dataset.features.arrow_schema, kind="split")
 
 
 def open_hub(settings: HubSettings) -> HubData:

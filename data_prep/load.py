@@ -13,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from dpo_zoo.errors import DataError
 
 from . import hh_rlhf, ultrafeedback
-from .drops import DUPLICATE_ID, BadRow, DropReport, RowPolicy
+from .columns import check_schema, whole_file_problem
+from .drops import DUPLICATE_ID, DUPLICATE_ROW, BadRow, DropReport, RowPolicy
 from .normalize import PAIR_FIELDS, Row, check_columns, check_encodable, generic_pair, heldout_by_hash
 from .hub import hub_settings, open_hub
 from .readers import RowSource, open_rows
@@ -39,7 +41,8 @@ class LoadedSplits:
     of both splits in order (the "data content" field of the cache key). ``stats``: what the
     preprocessor counted (e.g. VADER's snippets, pairs and ties per source). ``origin``: for a Hub data
     set, what identifies it beyond its content (name, data_dir, data_files, splits, the commit its
-    revision resolved to), for the cache key and the manifest; empty for files.
+    revision resolved to), for the cache key and the manifest; empty for files. ``warnings``: what the
+    user should know but that drops nothing (exact duplicate rows kept), printed by prep.
     """
 
     train: List[PreferencePair]
@@ -49,29 +52,65 @@ class LoadedSplits:
     fingerprint: str
     stats: Dict[str, Any] = field(default_factory=dict)
     origin: Dict[str, Any] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class FilePreprocessor:
     """A preprocessor that converts one raw row at a time: the columns it reads (which ``data.columns``
-    may rename), its own options with defaults, and the row -> pair conversion."""
+    may rename), its own options with defaults, the row -> pair conversion, and the kind of value each
+    column holds (:data:`data_prep.columns.KINDS`; checked against a columnar file's schema)."""
 
     columns: Tuple[str, ...]
     required: Tuple[str, ...]
     options: Mapping[str, Any]
     convert: Callable[..., PreferencePair]
+    kinds: Mapping[str, str] = field(default_factory=dict)
 
 
 FILE_PREPROCESSORS: Dict[str, FilePreprocessor] = {
-    "generic": FilePreprocessor(PAIR_FIELDS, ("chosen", "rejected"), {}, generic_pair),
-    "hh_rlhf": FilePreprocessor(hh_rlhf.COLUMNS, ("chosen", "rejected"), hh_rlhf.OPTIONS, hh_rlhf.hh_pair),
+    "generic": FilePreprocessor(
+        PAIR_FIELDS, ("chosen", "rejected"), {}, generic_pair,
+        {"prompt": "text", "chosen": "text", "rejected": "text", "id": "id", "tie": "flag", "weight": "number",
+         "soft_label": "number"},
+    ),
+    "hh_rlhf": FilePreprocessor(
+        hh_rlhf.COLUMNS, ("chosen", "rejected"), hh_rlhf.OPTIONS, hh_rlhf.hh_pair,
+        {"chosen": "string", "rejected": "string", "id": "id"},
+    ),
     "ultrafeedback": FilePreprocessor(
         ultrafeedback.COLUMNS,
         ("chosen", "rejected", "score_chosen", "score_rejected"),
         ultrafeedback.OPTIONS,
         ultrafeedback.ultrafeedback_pair,
+        {"prompt": "string", "prompt_id": "id", "chosen": "messages", "rejected": "messages",
+         "score_chosen": "number", "score_rejected": "number", "id": "id"},
     ),
 }
+
+
+class DuplicateRows:
+    """Exact duplicate rows (equal in every column) across every input read: counted and reported as a
+    warning, or dropped as ``duplicate row`` with ``data.drop_duplicate_rows`` (a deliberate filter,
+    like max_train_pairs, so it drops under either on_bad_row)."""
+
+    def __init__(self, drop: bool):
+        self.drop = drop
+        self.first: Dict[bytes, Tuple[str, int]] = {}
+        self.kept: Counter = Counter()
+
+    def earlier_copy(self, raw: Mapping[str, Any], file: str, row: int) -> Optional[Tuple[str, int]]:
+        """(file, row) of an earlier identical row, or None (and remember this one)."""
+        text = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr)
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        if digest in self.first:
+            return self.first[digest]
+        self.first[digest] = (file, row)
+        return None
+
+    def warnings(self) -> List[str]:
+        return [f"{file}: {n} rows are exact copies of earlier rows (kept; set data.drop_duplicate_rows=true "
+                "to drop them)" for file, n in self.kept.items()]
 PREPROCESSORS = (*FILE_PREPROCESSORS, "vader")
 
 
@@ -118,9 +157,12 @@ def read_pairs(
     options: Mapping[str, Any],
     policy: RowPolicy,
     drops: DropReport,
+    duplicates: DuplicateRows,
 ) -> Tuple[List[PreferencePair], List[str]]:
     """Every valid pair of one input (a file, a saved folder's split or a Hub split), in order, and the
-    files read."""
+    files read. An input with no rows, or a column wrong for all of it, is one :class:`DataError`."""
+    if source.schema is not None:
+        check_schema(source.name, source.schema, pre.kinds, pre.required, columns, name)
     if source.column_names is not None:
         # Required fields, and every column data.columns names explicitly, must exist in a columnar file.
         wanted = list(pre.required) + [c for c in columns if c not in pre.required]
@@ -135,6 +177,8 @@ def read_pairs(
     pairs: List[PreferencePair] = []
     first_row: Dict[str, int] = {}
     rows_read = 0
+    tally: Counter = Counter()  # (reason, field) of this input's bad rows
+    first_detail: Dict[Tuple[str, Optional[str]], str] = {}
     for row_index, raw in source.rows:
         rows_read += 1
         if isinstance(raw, BadRow):
@@ -145,14 +189,27 @@ def read_pairs(
             check_encodable(raw)
             pair = pre.convert(row, file=source.name, row_index=row_index, stem=source.stem, **kwargs)
         except BadRow as bad:
+            tally[(bad.reason, bad.field)] += 1
+            first_detail.setdefault((bad.reason, bad.field), bad.detail)
             policy.bad_row(source.name, row_index, bad)
+            continue
+        copy_of = duplicates.earlier_copy(raw, source.name, row_index)
+        if copy_of is not None and duplicates.drop:
+            drops.add(source.name, row_index, None, DUPLICATE_ROW, f"the same as {copy_of[0]}, row {copy_of[1]}")
             continue
         if pair.id in first_row:
             policy.bad(source.name, row_index, row.label("id"), DUPLICATE_ID, f"id {pair.id!r} is already used by row {first_row[pair.id]}")
             continue
+        if copy_of is not None:
+            duplicates.kept[source.name] += 1
         first_row[pair.id] = row_index
         pairs.append(pair)
     drops.rows_read[source.name] = rows_read
+    if rows_read == 0:
+        raise DataError(f"{source.name}: read 0 rows from this {source.kind}: it holds no data")
+    problem = whole_file_problem(source.name, rows_read, len(pairs), tally, first_detail)
+    if problem:
+        raise DataError(f"{problem}\n{drops.summary()}")
     return pairs, source.files
 
 
@@ -221,6 +278,7 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
     hub = hub_settings(s)
     stats: Dict[str, Any] = {"preprocessor": name}
     origin: Dict[str, Any] = {}
+    warnings: List[str] = []
     has_heldout = bool(heldout_path)
 
     if name == "vader":
@@ -243,7 +301,12 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
         columns = check_columns(s.get("columns") or {}, pre.columns, name)
         if not train_path and hub is None:
             raise DataError(f"`data.train_path` (or `data.hub.path`): required by the {name} preprocessor")
-        common = dict(name=name, pre=pre, columns=columns, options=opts, policy=policy, drops=drops)
+        drop_duplicates = s.get("drop_duplicate_rows", False)
+        if not isinstance(drop_duplicates, bool):
+            raise DataError(f"`data.drop_duplicate_rows`: expected true or false, got {drop_duplicates!r}")
+        duplicates = DuplicateRows(drop_duplicates)
+        common = dict(name=name, pre=pre, columns=columns, options=opts, policy=policy, drops=drops,
+                      duplicates=duplicates)
         hub_data = open_hub(hub) if hub is not None else None
 
         def open_source(role: str) -> RowSource:
@@ -252,9 +315,9 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
             return open_rows(train_path if role == "train" else heldout_path, role=role, split=opts.get(f"{role}_split"))
 
         has_heldout = bool(heldout_path) or (hub is not None and hub.heldout_split is not None)
-        if hub_data is not None:
+        if hub_data is not None and hub_data.origin:  # a Hub data set (a local folder has no origin beyond its rows)
             origin = {**hub_data.origin, "split": hub_data.pick_split("train"),
-                      "heldout_split": hub_data.pick_split("heldout") if has_heldout else None} if hub_data.origin else {}
+                      "heldout_split": hub_data.pick_split("heldout") if has_heldout else None}
         train, sources = read_pairs(open_source("train"), **common)
         if has_heldout:
             heldout, heldout_files = read_pairs(open_source("heldout"), **common)
@@ -264,6 +327,8 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
             held = [heldout_by_hash(split_key(p), fraction) for p in train]
             heldout = [p for p, h in zip(train, held) if h]
             train = [p for p, h in zip(train, held) if not h]
+        warnings += duplicates.warnings()
+        drops.note("exact duplicate rows, kept (data.drop_duplicate_rows=true drops them)", sum(duplicates.kept.values()))
     stats["train_pairs_before_cap"], stats["heldout_pairs_before_cap"] = len(train), len(heldout)
     train = _cap(train, s.get("max_train_pairs"), "max_train_pairs", drops)
     heldout = _cap(heldout, s.get("max_heldout_pairs"), "max_heldout_pairs", drops)
@@ -276,4 +341,4 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
         raise DataError(f"{where}: no held-out pairs left ({key}; set it to null "
                         f"to split the held-out pairs off the training data).\n{drops.summary()}")
     stats["train_pairs"], stats["heldout_pairs"] = len(train), len(heldout)
-    return LoadedSplits(train, heldout, drops, list(sources), fingerprint(train, heldout), stats, origin)
+    return LoadedSplits(train, heldout, drops, list(sources), fingerprint(train, heldout), stats, origin, warnings)

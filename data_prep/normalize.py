@@ -15,9 +15,10 @@ Optional fields: ``id`` (string or integer; default ``<file stem>:<row>``), ``ti
 
 Checks (each a :class:`~data_prep.drops.BadRow` with its reason): a required field is missing or null
 (a ``prompt`` field that is present counts as required: leave it out for an implicit prompt);
-a field is not text (a number, a malformed message list); prompt and completions mix strings and
-messages; an optional field has a bad value; a completion is empty (or whitespace only); chosen is
-identical to rejected.
+a field has the wrong type (a number for text, a malformed message list, text for a weight); a
+message's role is not one of system, user, assistant, tool (bad role); prompt and completions mix
+strings and messages; an optional field has a bad value (out of range); a completion is empty (or
+whitespace only, or an empty message list); chosen is identical to rejected.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from dpo_zoo.errors import DataError
 
 from .drops import (
+    BAD_ROLE,
     BAD_VALUE,
     EMPTY_COMPLETION,
     IDENTICAL,
@@ -36,7 +38,7 @@ from .drops import (
     MIXED_FORMATS,
     NO_SHARED_PROMPT,
     NOT_A_COMPLETION,
-    NOT_TEXT,
+    WRONG_TYPE,
     UNDECODABLE,
     BadRow,
     describe,
@@ -122,23 +124,32 @@ def check_encodable(values: Any, field: Optional[str] = None) -> None:
             check_encodable(value, field)
 
 
+# The roles a message may have: those chat templates render (OpenAI's and TRL's conversational format).
+ROLES = ("system", "user", "assistant", "tool")
+
+
 def as_text(value: Any, field: str, *, allow_empty_list: bool = False) -> Text:
-    """A string, or a list of messages with a non-empty string ``role`` and a string ``content``."""
+    """A string, or a list of messages with a ``role`` in :data:`ROLES` and a string ``content``.
+
+    An empty list is an empty completion unless ``allow_empty_list`` (a prompt may be empty)."""
     if isinstance(value, str):
         return value
     if not isinstance(value, (list, tuple)):
-        raise BadRow(NOT_TEXT, field, f"expected a string or a list of {{role, content}} messages, got {describe(value)}")
+        raise BadRow(WRONG_TYPE, field, f"expected a string or a list of {{role, content}} messages, got {describe(value)}")
     if not value and not allow_empty_list:
-        raise BadRow(NOT_TEXT, field, "the message list is empty")
+        raise BadRow(EMPTY_COMPLETION, field, "the message list is empty")
     messages: List[Dict[str, Any]] = []
     for i, message in enumerate(value):
         if not isinstance(message, Mapping):
-            raise BadRow(NOT_TEXT, field, f"message {i} is not an object: {describe(message)}")
+            raise BadRow(WRONG_TYPE, field, f"message {i} is not an object: {describe(message)}")
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
-            raise BadRow(NOT_TEXT, field, f"message {i} has no string 'role' (got {describe(role)})")
+            raise BadRow(WRONG_TYPE, field, f"message {i} has no string 'role' (got {describe(role)})")
+        if role not in ROLES:
+            # A chat template renders whatever role it is given; an unknown one is a data error, not a turn.
+            raise BadRow(BAD_ROLE, field, f"message {i} has role {role!r}; a role is one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise BadRow(NOT_TEXT, field, f"message {i} has no string 'content' (got {describe(content)})")
+            raise BadRow(WRONG_TYPE, field, f"message {i} has no string 'content' (got {describe(content)})")
         messages.append(dict(message))
     return messages
 
@@ -188,14 +199,19 @@ def split_implicit(chosen: Text, rejected: Text) -> Tuple[Text, Text, Text]:
 # ==================================================================== optional fields
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_tie(value: Any, field: str) -> bool:
     if value is None:
         return False
     if isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)) and value in (0, 1):
+    if _number(value) and value in (0, 1):
         return bool(value)
-    raise BadRow(BAD_VALUE, field, f"expected true/false (or 0/1), got {describe(value)}")
+    reason = BAD_VALUE if _number(value) else WRONG_TYPE
+    raise BadRow(reason, field, f"expected true/false (or 0/1), got {describe(value)}")
 
 
 # Weights are stored as float32: anything larger would become inf in the cache.
@@ -205,18 +221,18 @@ FLOAT32_MAX = 3.4028234663852886e38
 def parse_weight(value: Any, field: str) -> float:
     if value is None:
         return 1.0
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
-            or value > FLOAT32_MAX):
-        raise BadRow(BAD_VALUE, field, f"expected a finite number >= 0 (at most {FLOAT32_MAX:.4g}, float32), "
-                                       f"got {describe(value)}")
+    if not _number(value) or not math.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+        raise BadRow(BAD_VALUE if _number(value) else WRONG_TYPE, field,
+                     f"expected a finite number >= 0 (at most {FLOAT32_MAX:.4g}, float32), got {describe(value)}")
     return float(value)
 
 
 def parse_soft_label(value: Any, field: str) -> Optional[float]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise BadRow(BAD_VALUE, field, f"expected a probability in [0, 1], got {describe(value)}")
+    if not _number(value) or not 0.0 <= value <= 1.0:
+        raise BadRow(BAD_VALUE if _number(value) else WRONG_TYPE, field,
+                     f"expected a probability in [0, 1], got {describe(value)}")
     return float(value)
 
 
@@ -224,7 +240,7 @@ def parse_id(value: Any, field: str, default: str) -> str:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BadRow(BAD_VALUE, field, f"expected a string or integer id, got {describe(value)}")
+        raise BadRow(WRONG_TYPE, field, f"expected a string or integer id, got {describe(value)}")
     value = str(value)
     if not value.strip():
         raise BadRow(BAD_VALUE, field, "the id is empty")

@@ -57,6 +57,7 @@ class RowSource:
     rows: Iterator[RawRow]
     column_names: Optional[List[str]] = field(default=None)
     schema: Any = None
+    kind: str = "file"  # what it is, in messages: file | split
 
 
 def file_stem(path: Path) -> str:
@@ -202,7 +203,7 @@ def _dataset_folder(path: Path, *, role: str, split: Optional[str]) -> RowSource
     if root != path and (path / "dataset_dict.json").is_file():
         files.insert(0, str(path / "dataset_dict.json"))
     return RowSource(name, stem, files, dataset_rows(loaded), column_names=list(loaded.column_names),
-                     schema=loaded.features.arrow_schema)
+                     schema=loaded.features.arrow_schema, kind="split" if root != path else "data set")
 
 
 def dataset_rows(dataset: Any) -> Iterator[RawRow]:

@@ -21,9 +21,9 @@ Each side has its own boundary, since a merge may happen on one side only.
 
 **Truncation.** A prompt longer than ``max_prompt_length`` tokens keeps its last tokens (``keep_end``,
 the most recent turns; when the tokenizer adds BOS by itself, a leading BOS stays in front) or its
-first (``keep_start``); the completion is
+first (``keep_start``); ``max_prompt_length=None`` sets no prompt limit. The completion is
 then cut to fit ``max_length``. A row is bad when a completion is cut to nothing (possible when
-``max_prompt_length >= max_length``), when a completion has no tokens at all, or when the prompt has
+``max_prompt_length >= max_length`` or is None), when a completion has no tokens at all, or when the prompt has
 none (the first completion token would have nothing to be predicted from).
 """
 
@@ -38,7 +38,7 @@ from dpo_zoo.errors import DataError
 
 from .drops import (
     EMPTY_COMPLETION,
-    NO_PROMPT_TOKENS,
+    EMPTY_PROMPT,
     TEMPLATE_ERROR,
     TEMPLATE_NOT_PREFIX,
     TRUNCATED_TO_NOTHING,
@@ -115,10 +115,10 @@ def _batched(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _truncate(
-    ids: List[int], start: int, *, max_length: int, max_prompt_length: int, mode: str, keep_bos: Optional[int]
+    ids: List[int], start: int, *, max_length: int, max_prompt_length: Optional[int], mode: str, keep_bos: Optional[int]
 ) -> Tuple[List[int], int, bool, bool]:
     prompt, completion = ids[:start], ids[start:]
-    prompt_cut = len(prompt) > max_prompt_length
+    prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
     if prompt_cut:
         if mode == "keep_start":
             prompt = prompt[:max_prompt_length]
@@ -133,7 +133,7 @@ def _truncate(
 
 
 def _finish_side(
-    name: str, ids: List[int], start: int, *, max_length: int, max_prompt_length: int, mode: str,
+    name: str, ids: List[int], start: int, *, max_length: int, max_prompt_length: Optional[int], mode: str,
     keep_bos: Optional[int],
 ) -> Tuple[List[int], int, bool, bool]:
     """Check one side's tokens and truncate them: (ids, completion start, prompt cut?, completion cut?).
@@ -142,7 +142,7 @@ def _finish_side(
         raise BadRow(EMPTY_COMPLETION, name, "the completion has no tokens")
     if start == 0:
         raise BadRow(
-            NO_PROMPT_TOKENS, name,
+            EMPTY_PROMPT, name,
             "the prompt has no tokens and the tokenizer adds no BOS, so the first completion token cannot be scored",
         )
     ids, start, prompt_cut, completion_cut = _truncate(
@@ -161,7 +161,7 @@ def tokenize_pairs(
     pairs: Sequence[PreferencePair],
     *,
     max_length: int = 512,
-    max_prompt_length: int = 256,
+    max_prompt_length: Optional[int] = 256,
     truncation_mode: str = "keep_end",
     chat_template: str = "auto",
     on_bad_row: str = "error",
@@ -175,7 +175,7 @@ def tokenize_pairs(
     """
     if truncation_mode not in TRUNCATION_MODES:
         raise DataError(f"`prep.truncation_mode`: {truncation_mode!r} is not one of {', '.join(TRUNCATION_MODES)}")
-    if max_length < 1 or max_prompt_length < 1 or batch_size < 1:
+    if max_length < 1 or (max_prompt_length is not None and max_prompt_length < 1) or batch_size < 1:
         raise DataError(
             f"max_length, max_prompt_length and batch_size must be >= 1, got {max_length}, {max_prompt_length}, {batch_size}"
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .drops import BAD_VALUE, BadRow, describe
+from .drops import BAD_VALUE, WRONG_TYPE, BadRow, describe
 from .normalize import Row, as_text, make_pair, parse_id, split_implicit
 from .schema import PreferencePair
 
@@ -26,7 +26,9 @@ OPTIONS: dict = {}
 
 
 def _score(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRow(WRONG_TYPE, field, f"expected a finite number, got {describe(value)}")
+    if not math.isfinite(value):
         raise BadRow(BAD_VALUE, field, f"expected a finite number, got {describe(value)}")
     return float(value)
 
@@ -37,7 +39,7 @@ def ultrafeedback_pair(row: Row, *, file: str, row_index: int, stem: str) -> Pre
     rejected = as_text(row.require("rejected"), rejected_field)
     for name, value in ((chosen_field, chosen), (rejected_field, rejected)):
         if not isinstance(value, list):
-            raise BadRow(BAD_VALUE, name, "expected a message list (UltraFeedback-binarized layout), got a string")
+            raise BadRow(WRONG_TYPE, name, "expected a message list (UltraFeedback-binarized layout), got a string")
     score_chosen = _score(row.require("score_chosen"), row.label("score_chosen"))
     score_rejected = _score(row.require("score_rejected"), row.label("score_rejected"))
     if score_chosen < score_rejected:
@@ -54,7 +56,7 @@ def ultrafeedback_pair(row: Row, *, file: str, row_index: int, stem: str) -> Pre
     if not shared and chosen != rejected:
         text = row.require("prompt")
         if not isinstance(text, str):
-            raise BadRow(BAD_VALUE, row.label("prompt"), f"expected the prompt as a string, got {describe(text)}")
+            raise BadRow(WRONG_TYPE, row.label("prompt"), f"expected the prompt as a string, got {describe(text)}")
         prompt = [{"role": "user", "content": text}]
     return make_pair(
         prompt=prompt,

@@ -95,6 +95,9 @@ class DataConfig:
     # error: stop at the first bad row, naming file, row and field. skip: drop bad rows and write a
     # drop report (counts by reason, and each dropped row) next to the prepared set.
     on_bad_row: str = "error"
+    # Exact duplicate rows (equal in every column, across the files read) are counted and reported as a
+    # warning; true also drops them (as "duplicate row" in the drop report).
+    drop_duplicate_rows: bool = False
     # Preprocessor-specific settings (e.g. vader: tie_threshold, pairs_per_snippet, seed).
     options: Dict[str, Any] = field(default_factory=dict)
 
@@ -105,7 +108,10 @@ class PrepConfig:
     output_dir: str = "prepared/default"
     # Total tokens of prompt + completion; longer pairs are truncated (prompt first, then completion).
     max_length: int = 512
-    max_prompt_length: int = 256
+    # A longer prompt is cut to this many tokens (truncation_mode picks the end kept). null: no prompt
+    # limit; only max_length truncates (the completion is cut to fit; a prompt that leaves no room for
+    # one completion token makes the row a bad row, "completion truncated to nothing").
+    max_prompt_length: Optional[int] = 256
     # Which end of an over-long prompt to keep: keep_end (the most recent turns) | keep_start.
     truncation_mode: str = "keep_end"
     # auto: the tokenizer's chat template for conversational data, plain text otherwise.
@@ -223,6 +229,8 @@ POSITIVE = (
     "train.lora.r",
     "compare.batch_size",
 )
+# Of the keys above, those where null means "no limit".
+NULLABLE = ("prep.max_prompt_length",)
 NON_NEGATIVE = (
     "prep.topk",
     "train.learning_rate",
@@ -455,6 +463,8 @@ def _check_values(cfg: DictConfig) -> List[str]:
             errors.append(f"`{key}`: {value!r} is not one of {', '.join(allowed)}")
     for key in POSITIVE:
         value = _lookup(cfg, key)
+        if value is None and key in NULLABLE:
+            continue
         if value is None or value <= 0:
             errors.append(f"`{key}`: must be > 0, got {value!r}")
     for key in NON_NEGATIVE:
@@ -465,7 +475,7 @@ def _check_values(cfg: DictConfig) -> List[str]:
         errors.append(f"`data.heldout_fraction`: must be in [0, 1), got {cfg.data.heldout_fraction}")
     if cfg.train.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         errors.append(f"`train.deepspeed.zero_stage`: must be 0, 1, 2 or 3, got {cfg.train.deepspeed.zero_stage}")
-    if cfg.prep.max_prompt_length >= cfg.prep.max_length:
+    if cfg.prep.max_prompt_length is not None and cfg.prep.max_prompt_length >= cfg.prep.max_length:
         errors.append(
             f"`prep.max_prompt_length` ({cfg.prep.max_prompt_length}) must be smaller than "
             f"`prep.max_length` ({cfg.prep.max_length})"

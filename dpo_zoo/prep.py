@@ -258,7 +258,7 @@ def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokeni
         "chat_template": template,
         "chat_template_setting": setting,
         "max_length": int(prep.max_length),
-        "max_prompt_length": int(prep.max_prompt_length),
+        "max_prompt_length": None if prep.max_prompt_length is None else int(prep.max_prompt_length),
         "truncation_mode": str(prep.truncation_mode),
         "on_bad_row": str(data.on_bad_row),
         "preprocessor": str(data.preprocessor),
@@ -330,6 +330,8 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
         reference = {"source": "file", "reference_file": reference_file.sha256}
     else:
         reference = {"source": "model", "model_weights": weights_fingerprint(model_path, memo_root=cache_root(cfg.model))}
+    for warning in splits.warnings:
+        say(processes, f"warning: {warning}")
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     keys = {
         split: cache_key(cfg, split=split, pairs=getattr(splits, split), tokenizer=tokenizer,
@@ -349,7 +351,7 @@ def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[S.TokenizedPair]]:
             context.tokenizer,
             getattr(context.splits, split),
             max_length=int(cfg.prep.max_length),
-            max_prompt_length=int(cfg.prep.max_prompt_length),
+            max_prompt_length=None if cfg.prep.max_prompt_length is None else int(cfg.prep.max_prompt_length),
             truncation_mode=str(cfg.prep.truncation_mode),
             chat_template=str(cfg.prep.chat_template),
             on_bad_row=str(cfg.data.on_bad_row),

@@ -242,6 +242,18 @@ def test_a_hub_data_sets_moved_commit_is_a_miss_that_names_it(workdir, monkeypat
     assert state.reasons[0].startswith("data_source commit "), state.reasons
 
 
+def test_prep_prints_the_data_warnings(workdir, capsys):
+    """An exact duplicate row is kept but reported: prep says so (on a cache hit too)."""
+    row = {"prompt": [{"role": "user", "content": "How are you?"}], "chosen": [{"role": "assistant", "content": "Fine."}],
+           "rejected": [{"role": "assistant", "content": "Go away."}]}  # no id: each row gets data:<row>
+    (workdir / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [row, row, row | {"chosen": [
+        {"role": "assistant", "content": "Well, thanks."}]}]))
+    capsys.readouterr()
+    _load_context(make_cfg(), Processes(single=True))
+    assert ("warning: data.jsonl: 1 rows are exact copies of earlier rows (kept; set data.drop_duplicate_rows=true "
+            "to drop them)") in capsys.readouterr().out
+
+
 def _add_rows_without_prompt_tokens(path: Path, n: int) -> None:
     """Rows that pass loading but are dropped at tokenization: an empty string prompt has no tokens."""
     with open(path, "a") as f:
@@ -257,7 +269,7 @@ def test_rows_dropped_at_tokenization_under_skip_are_reported_again_under_error(
     assert len(PreparedSet.open(paths["train"])) == N_PAIRS
     drops = json.loads((workdir / "out" / "drops.json").read_text())
     assert "prompt has no tokens" in json.dumps(drops)
-    with pytest.raises(DataError, match=r"row 16.*prompt has no tokens"):
+    with pytest.raises(DataError, match=r"row 16.*empty prompt: the prompt has no tokens"):
         run_prep(make_cfg("data.on_bad_row=error"))
 
 

@@ -51,7 +51,7 @@ def test_raw_text_keeps_the_implicit_prompt(write_jsonl):
         ({"chosen": ROW["chosen"] + "\n\nHuman: ok\n\nAssistant: bye", "rejected": ROW["rejected"]}, R.HH_DIVERGED, "rejected"),
         ({"chosen": PROMPT + " ", "rejected": ROW["rejected"]}, R.EMPTY_COMPLETION, "chosen"),
         ({"chosen": ROW["chosen"], "rejected": ROW["chosen"]}, R.IDENTICAL, "rejected"),
-        ({"chosen": [{"role": "user", "content": "x"}], "rejected": ROW["rejected"]}, R.NOT_HH_DIALOGUE, "chosen"),
+        ({"chosen": [{"role": "user", "content": "x"}], "rejected": ROW["rejected"]}, R.WRONG_TYPE, "chosen"),
         ({"chosen": ROW["chosen"]}, R.MISSING_FIELD, "rejected"),
     ],
 )

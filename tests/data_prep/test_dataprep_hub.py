@@ -159,3 +159,12 @@ def test_the_config_reads_a_hub_source_and_data_files_as_a_mapping(tmp_path):
     cfg = load_config([data_yaml], ["data.hub.revision=0123456789abcdef0123456789abcdef01234567"])
     assert cfg.data.hub.data_files == {"train_prefs": "data/train_prefs-*"}
     assert cfg.data.hub.revision == "0123456789abcdef0123456789abcdef01234567" and cfg.data.hub.heldout_split is None
+
+
+def test_a_column_of_the_wrong_type_in_a_hub_split_is_one_error_naming_it(tmp_path):
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    rows = [{"prompt": f"Q{i}", "chosen": i, "rejected": " no"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'repo'}:train: column 'chosen' has type int64 for the whole "
+                                        "file; the generic preprocessor reads it as text"):
+        load_splits({"preprocessor": "generic", "on_bad_row": "skip", "hub": {"path": str(tmp_path / "repo")}})

@@ -80,7 +80,7 @@ def test_plain_text_gets_bos_once_when_the_tokenizer_adds_it(bos_tokenizer):
 
 
 def test_empty_prompt_needs_a_bos(tokenizer, bos_tokenizer):
-    with pytest.raises(DataError, match=r"f.jsonl, row 0 \(0-based\), field 'chosen': prompt has no tokens"):
+    with pytest.raises(DataError, match=r"f.jsonl, row 0 \(0-based\), field 'chosen': empty prompt: the prompt has no tokens"):
         tokenize_pairs(tokenizer, [pair("", "yes", "no")])
     (out,) = tokenize_pairs(bos_tokenizer, [pair("", "yes", "no")])
     assert out.chosen_completion_start == 1
@@ -165,7 +165,7 @@ def test_skip_keeps_order_and_counts(tokenizer):
     pairs = [pair("A:", " x", " y", id="a", row=0), pair("", "x", "y", id="b", row=1), pair("C:", " x", " y", id="c", row=2)]
     drops = DropReport()
     out = tokenize_pairs(tokenizer, pairs, on_bad_row="skip", drops=drops)
-    assert [o.pair.id for o in out] == ["a", "c"] and drops.counts == {R.NO_PROMPT_TOKENS: 1}
+    assert [o.pair.id for o in out] == ["a", "c"] and drops.counts == {R.EMPTY_PROMPT: 1}
 
 
 def test_batch_size_does_not_change_the_result(tokenizer):
@@ -206,3 +206,37 @@ def test_real_hh_pairs_tokenize_within_limits(tokenizer, hh_test_path):
     for a, b in zip(as_text, written_back):
         assert (a.chosen_input_ids, a.chosen_completion_start) == (b.chosen_input_ids, b.chosen_completion_start)
         assert (a.rejected_input_ids, a.rejected_completion_start) == (b.rejected_input_ids, b.rejected_completion_start)
+
+
+def test_no_prompt_limit_leaves_only_the_total_length_to_truncate(tokenizer):
+    """max_prompt_length=None: a long prompt is kept whole and the completion is cut to fit max_length;
+    with a limit the prompt is cut first (keep_end keeps its last tokens)."""
+    long_prompt = "Tell me about the weather today, please."
+    full = tokenizer(long_prompt, add_special_tokens=False)["input_ids"]
+    short = len(tokenizer(" No", add_special_tokens=False)["input_ids"]) + 1  # with EOS
+    max_length = len(full) + short  # room for the short completion, not the long one
+    pairs = [pair(long_prompt, " It is sunny and warm today, with a light breeze.", " No")]
+    drops = DropReport()
+    (free,) = tokenize_pairs(tokenizer, pairs, max_length=max_length, max_prompt_length=None, drops=drops)
+    assert free.chosen_input_ids[: free.chosen_completion_start] == full  # the prompt whole
+    assert len(free.chosen_input_ids) == max_length  # the long completion cut to fit
+    assert len(free.rejected_input_ids) == max_length and free.rejected_input_ids[-1] == tokenizer.eos_token_id
+    assert "prompt sides truncated to max_prompt_length" not in drops.notes
+    assert drops.notes["completion sides truncated to fit max_length"] == 1
+    half = len(full) // 2
+    (limited,) = tokenize_pairs(tokenizer, pairs, max_length=max_length, max_prompt_length=half)
+    assert limited.chosen_completion_start == half and limited.chosen_input_ids[:half] == full[-half:]
+
+
+def test_no_prompt_limit_and_a_prompt_filling_max_length_is_a_bad_row(tokenizer):
+    long_prompt = "Tell me about the weather today, please."
+    with pytest.raises(DataError, match=r"field 'chosen': completion truncated to nothing: .*max_prompt_length=None"):
+        tokenize_pairs(tokenizer, [pair(long_prompt, " Sunny.", " No.")], max_length=4, max_prompt_length=None)
+
+
+def test_the_config_takes_null_for_no_prompt_limit():
+    from dpo_zoo.config import ConfigError, load_config
+
+    assert load_config([], ["prep.max_prompt_length=null"]).prep.max_prompt_length is None
+    with pytest.raises(ConfigError, match="`prep.max_prompt_length`: must be > 0, got 0"):
+        load_config([], ["prep.max_prompt_length=0"])

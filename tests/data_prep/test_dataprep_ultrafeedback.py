@@ -63,9 +63,9 @@ def test_responses_only_take_the_prompt_column(write_jsonl):
     [
         ({"score_chosen": 2.0, "score_rejected": 6.0}, R.BAD_VALUE, "score_chosen"),
         ({"score_chosen": None}, R.MISSING_FIELD, "score_chosen"),
-        ({"score_rejected": "high"}, R.BAD_VALUE, "score_rejected"),
+        ({"score_rejected": "high"}, R.WRONG_TYPE, "score_rejected"),
         ({"rejected": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]}, R.IDENTICAL, "rejected"),
-        ({"chosen": "7"}, R.BAD_VALUE, "chosen"),
+        ({"chosen": "7"}, R.WRONG_TYPE, "chosen"),
     ],
 )
 def test_bad_rows(write_jsonl, change, reason, field):

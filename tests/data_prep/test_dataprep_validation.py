@@ -22,19 +22,28 @@ def cfg(path, **kw):
 BAD_ROWS = [
     ({"prompt": "Q?", "rejected": " no"}, R.MISSING_FIELD, "chosen", "required field is missing"),
     ({"prompt": "Q?", "chosen": None, "rejected": " no"}, R.MISSING_FIELD, "chosen", "required field is null"),
-    ({"prompt": "Q?", "chosen": 5, "rejected": " no"}, R.NOT_TEXT, "chosen", "got int 5"),
-    ({"prompt": "Q?", "chosen": [{"role": "assistant"}], "rejected": " no"}, R.NOT_TEXT, "chosen", "message 0 has no string 'content'"),
-    ({"prompt": "Q?", "chosen": ["hi"], "rejected": " no"}, R.NOT_TEXT, "chosen", "message 0 is not an object"),
-    ({"prompt": "Q?", "chosen": [], "rejected": " no"}, R.NOT_TEXT, "chosen", "message list is empty"),
+    ({"prompt": "Q?", "chosen": 5, "rejected": " no"}, R.WRONG_TYPE, "chosen", "got int 5"),
+    ({"prompt": "Q?", "chosen": [{"role": "assistant"}], "rejected": " no"}, R.WRONG_TYPE, "chosen", "message 0 has no string 'content'"),
+    ({"prompt": "Q?", "chosen": ["hi"], "rejected": " no"}, R.WRONG_TYPE, "chosen", "message 0 is not an object"),
+    ({"prompt": "Q?", "chosen": [], "rejected": " no"}, R.EMPTY_COMPLETION, "chosen", "message list is empty"),
+    ({"prompt": [MSG("user", "Q?")], "chosen": [MSG("assistant", "a")], "rejected": []}, R.EMPTY_COMPLETION, "rejected",
+     "message list is empty"),
+    ({"prompt": [MSG("narrator", "Once upon a time"), MSG("user", "Q?")], "chosen": [MSG("assistant", "a")],
+      "rejected": [MSG("assistant", "b")]}, R.BAD_ROLE, "prompt", "message 0 has role 'narrator'; a role is one of "
+                                                                 "system, user, assistant, tool"),
+    ({"prompt": [MSG("user", "Q?")], "chosen": [MSG("assistant", "a"), MSG("critic", "good")],
+      "rejected": [MSG("assistant", "b")]}, R.BAD_ROLE, "chosen", "message 1 has role 'critic'"),
     ({"prompt": "Q?", "chosen": [MSG("assistant", "a")], "rejected": " no"}, R.MIXED_FORMATS, "rejected", "chosen is a message list but rejected is a string"),
     ({"prompt": "Q?", "chosen": "  \n", "rejected": " no"}, R.EMPTY_COMPLETION, "chosen", "the completion is empty"),
     ({"prompt": [MSG("user", "Q?")], "chosen": [MSG("assistant", " ")], "rejected": [MSG("assistant", "no")]}, R.EMPTY_COMPLETION, "chosen", "empty"),
     ({"prompt": "Q?", "chosen": " same", "rejected": " same"}, R.IDENTICAL, "rejected", "identical to chosen"),
     ({**GOOD, "weight": -1}, R.BAD_VALUE, "weight", "finite number >= 0"),
-    ({**GOOD, "weight": "heavy"}, R.BAD_VALUE, "weight", "got str"),
-    ({**GOOD, "tie": "maybe"}, R.BAD_VALUE, "tie", "true/false"),
+    ({**GOOD, "weight": "heavy"}, R.WRONG_TYPE, "weight", "got str"),
+    ({**GOOD, "tie": "maybe"}, R.WRONG_TYPE, "tie", "true/false"),
+    ({**GOOD, "tie": 2}, R.BAD_VALUE, "tie", "true/false"),
     ({**GOOD, "soft_label": 1.5}, R.BAD_VALUE, "soft_label", "[0, 1]"),
-    ({**GOOD, "id": {"a": 1}}, R.BAD_VALUE, "id", "string or integer id"),
+    ({**GOOD, "soft_label": "likely"}, R.WRONG_TYPE, "soft_label", "[0, 1]"),
+    ({**GOOD, "id": {"a": 1}}, R.WRONG_TYPE, "id", "string or integer id"),
     ({"chosen": [MSG("user", "Hi")], "rejected": [MSG("user", "Hi"), MSG("assistant", "Yo")]}, R.EMPTY_COMPLETION, "chosen", "once the shared prompt is split off"),
     ({"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi\n\nAssistant: Yo"}, R.EMPTY_COMPLETION, "chosen", "once the shared prompt"),
     ({**GOOD, "weight": 1e39}, R.BAD_VALUE, "weight", "float32"),  # would be inf in the float32 cache
@@ -84,7 +93,7 @@ def test_known_mix_of_bad_rows_is_counted_exactly(write_jsonl, tmp_path):
         b'{"prompt": "Q?", "chosen": " \xc3\x28", "rejected": " no"}',  # 2 undecodable (invalid UTF-8)
         GOOD | {"id": "g1", "chosen": " sure"},
         b"{not json}",  # 4 malformed JSON
-        {"prompt": "Q?", "chosen": 3.5, "rejected": " no"},  # 5 not text
+        {"prompt": "Q?", "chosen": 3.5, "rejected": " no"},  # 5 wrong type
         {"prompt": "Q?", "chosen": " ", "rejected": " no"},  # 6 empty completion
         GOOD | {"id": "g2", "chosen": " ok"},
         {"prompt": "Q?", "chosen": " x", "rejected": " x"},  # 8 identical
@@ -102,7 +111,7 @@ def test_known_mix_of_bad_rows_is_counted_exactly(write_jsonl, tmp_path):
         R.MISSING_FIELD: 1,
         R.UNDECODABLE: 1,
         R.MALFORMED_JSON: 1,
-        R.NOT_TEXT: 1,
+        R.WRONG_TYPE: 1,
         R.EMPTY_COMPLETION: 1,
         R.IDENTICAL: 1,
         R.DUPLICATE_ID: 1,
@@ -114,7 +123,7 @@ def test_known_mix_of_bad_rows_is_counted_exactly(write_jsonl, tmp_path):
         (1, "chosen", R.MISSING_FIELD),
         (2, None, R.UNDECODABLE),
         (4, None, R.MALFORMED_JSON),
-        (5, "chosen", R.NOT_TEXT),
+        (5, "chosen", R.WRONG_TYPE),
         (6, "chosen", R.EMPTY_COMPLETION),
         (8, "rejected", R.IDENTICAL),
         (9, "id", R.DUPLICATE_ID),
@@ -128,7 +137,7 @@ def test_known_mix_of_bad_rows_is_counted_exactly(write_jsonl, tmp_path):
 
 
 def test_no_pair_left_is_an_error_with_the_summary(write_jsonl):
-    path = write_jsonl("d.jsonl", [{"chosen": 1, "rejected": 2}])
+    path = write_jsonl("d.jsonl", [{"prompt": "Q?", "chosen": " a", "rejected": " a"}])
     with pytest.raises(DataError, match=r"no training pairs left.\ndropped 1 rows of 1 read"):
         load_splits(cfg(path, on_bad_row="skip"))
 
@@ -139,7 +148,7 @@ def test_columns_are_renamed_and_named_as_in_the_file(write_jsonl):
     pair = load_splits(cfg(path, columns=columns)).train[0]
     assert (pair.id, pair.prompt, pair.chosen, pair.rejected, pair.is_tie, pair.weight, pair.soft_label) == ("7", "Q?", " a", " b", True, 0.5, 0.6)
     bad = write_jsonl("e.jsonl", [{"question": "Q?", "good": 1, "bad": " b"}])
-    with pytest.raises(DataError, match=r"field 'good \(as chosen\)': not text"):
+    with pytest.raises(DataError, match=r"field 'good \(as chosen\)': wrong type"):
         load_splits(cfg(bad, columns=columns))
     with pytest.raises(DataError, match=r"`data.columns.answer`: not a field the generic preprocessor reads"):
         load_splits(cfg(path, columns={"answer": "good"}))
@@ -233,5 +242,127 @@ def test_a_column_named_in_data_columns_must_exist(write_jsonl):
 def test_an_empty_heldout_file_is_an_error(write_jsonl, tmp_path):
     empty = tmp_path / "heldout.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match=r"heldout.jsonl: no held-out pairs left"):
+    with pytest.raises(DataError, match=r"heldout.jsonl: read 0 rows from this file: it holds no data"):
         load_splits(DataConfig(train_path=str(write_jsonl("t.jsonl", [GOOD])), heldout_path=str(empty)))
+
+
+# ---------------------------------------------------------------- problems of a whole file or column
+
+
+def test_every_drop_reason_is_listed_in_the_readme():
+    from dpo_zoo.config import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    reasons = {v for k, v in vars(R).items() if k.isupper() and isinstance(v, str) and k != "ON_BAD_ROW"}
+    assert reasons == set(R.REASONS)
+    assert [r for r in R.REASONS if f"`{r}`" not in readme] == []
+
+
+def _parquet(path, rows=None, table=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(table if table is not None else pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_parquet_column_of_the_wrong_type_is_one_error_naming_it(tmp_path, on_bad_row):
+    import pyarrow as pa
+
+    path = _parquet(tmp_path / "d.parquet", table=pa.table({"prompt": ["Q1", "Q2", "Q3"], "chosen": [1, 2, 3],
+                                                            "rejected": [" a", " b", " c"]}))
+    with pytest.raises(DataError) as err:
+        load_splits(cfg(path, on_bad_row=on_bad_row))
+    assert str(err.value).startswith(f"{path}: column 'chosen' has type int64 for the whole file; the generic "
+                                     "preprocessor reads it as text (a string, or a list of {role, content} messages): "
+                                     "wrong type for the whole file"), str(err.value)
+    renamed = _parquet(tmp_path / "e.parquet", table=pa.table({"q": ["Q"], "good": [" a"], "bad": [" b"], "w": ["x"]}))
+    with pytest.raises(DataError, match=r"column 'w \(as weight\)' has type string for the whole file; .* a number"):
+        load_splits(cfg(renamed, columns={"prompt": "q", "chosen": "good", "rejected": "bad", "weight": "w"}))
+
+
+def test_a_required_parquet_column_null_throughout_is_one_error(tmp_path):
+    import pyarrow as pa
+
+    path = _parquet(tmp_path / "d.parquet", table=pa.table({"prompt": ["Q1", "Q2"], "chosen": [" a", " b"],
+                                                            "rejected": pa.array([None, None], pa.null())}))
+    with pytest.raises(DataError, match=r"d.parquet: column 'rejected' is null in every row \(type null\).*missing field"):
+        load_splits(cfg(path, on_bad_row="skip"))
+    # An optional column that is null throughout is just absent values.
+    ok = _parquet(tmp_path / "e.parquet", table=pa.table({"chosen": [" a"], "rejected": [" b"], "prompt": ["Q"],
+                                                          "weight": pa.array([None], pa.null())}))
+    assert load_splits(cfg(ok)).train[0].weight == 1.0
+
+
+def test_ultrafeedback_with_string_completions_is_one_error(tmp_path):
+    path = _parquet(tmp_path / "uf.parquet", [{"prompt": "Q", "chosen": "a", "rejected": "b", "score_chosen": 2.0,
+                                               "score_rejected": 1.0}])
+    with pytest.raises(DataError, match=r"column 'chosen' has type string for the whole file; the ultrafeedback "
+                                        r"preprocessor reads it as a list of \{role, content\} messages"):
+        load_splits(cfg(path, preprocessor="ultrafeedback"))
+
+
+def test_a_jsonl_file_with_no_rejected_at_all_is_one_error_naming_the_column(write_jsonl):
+    path = write_jsonl("d.jsonl", [{"prompt": f"Q{i}?", "chosen": " yes"} for i in range(4)])
+    with pytest.raises(DataError) as err:
+        load_splits(cfg(path, on_bad_row="skip"))
+    message = str(err.value)
+    assert message.startswith(f"{path}: column 'rejected': missing field in every row (4 of 4; the first: required "
+                              "field is missing); a problem of the whole file"), message
+    assert "no training pairs left" not in message
+    # The same field bad in only some rows: those rows are dropped, the others kept.
+    mixed = write_jsonl("e.jsonl", [{"prompt": "Q?", "chosen": " yes"}, GOOD, {"prompt": "Q?", "chosen": " ok"}])
+    loaded = load_splits(cfg(mixed, on_bad_row="skip"))
+    assert len(loaded.train) == 1 and loaded.drops.counts == {R.MISSING_FIELD: 2}
+
+
+def test_a_jsonl_column_of_numbers_throughout_is_one_error(write_jsonl):
+    path = write_jsonl("d.jsonl", [{"prompt": "Q?", "chosen": i, "rejected": " no"} for i in range(3)])
+    with pytest.raises(DataError, match=r"d.jsonl: column 'chosen': wrong type in every row \(3 of 3; the first: "
+                                        r"expected a string or a list of \{role, content\} messages, got int 0\)"):
+        load_splits(cfg(path, on_bad_row="skip"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_an_empty_training_file_says_it_read_0_rows(tmp_path, content):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{path}: read 0 rows from this file: it holds no data$"):
+        load_splits(cfg(path))
+
+
+def test_an_empty_parquet_file_says_it_read_0_rows(tmp_path):
+    import pyarrow as pa
+
+    path = _parquet(tmp_path / "d.parquet", table=pa.table({"chosen": pa.array([], pa.string()),
+                                                            "rejected": pa.array([], pa.string())}))
+    with pytest.raises(DataError, match=r"d.parquet: read 0 rows from this file"):
+        load_splits(cfg(path))
+
+
+# ---------------------------------------------------------------- exact duplicate rows
+
+
+def test_exact_duplicate_rows_are_counted_and_reported_as_a_warning(write_jsonl):
+    other = {"prompt": "Q2?", "chosen": " yes", "rejected": " no"}
+    path = write_jsonl("d.jsonl", [GOOD, other, GOOD, GOOD, GOOD | {"weight": 0.5}])
+    loaded = load_splits(cfg(path))
+    assert len(loaded.train) == 5  # kept: ids differ (file:row), so nothing else objects
+    assert loaded.warnings == [f"{path}: 2 rows are exact copies of earlier rows (kept; set "
+                               "data.drop_duplicate_rows=true to drop them)"]
+    assert loaded.drops.notes == {"exact duplicate rows, kept (data.drop_duplicate_rows=true drops them)": 2}
+    assert loaded.drops.total == 0
+
+
+def test_exact_duplicate_rows_are_dropped_on_request_naming_the_first(write_jsonl, tmp_path):
+    train = write_jsonl("t.jsonl", [GOOD, GOOD | {"id": "a"}, GOOD, GOOD | {"id": "a"}])
+    heldout = write_jsonl("h.jsonl", [GOOD | {"id": "h"}, GOOD])  # row 1 copies a training row
+    loaded = load_splits(DataConfig(train_path=str(train), heldout_path=str(heldout), drop_duplicate_rows=True))
+    assert [p.id for p in loaded.train] == ["t:0", "a"] and [p.id for p in loaded.heldout] == ["h"]
+    assert [(d["file"], d["row"], d["reason"], d["detail"]) for d in loaded.drops.rows] == [
+        (str(train), 2, R.DUPLICATE_ROW, f"the same as {train}, row 0"),
+        (str(train), 3, R.DUPLICATE_ROW, f"the same as {train}, row 1"),
+        (str(heldout), 1, R.DUPLICATE_ROW, f"the same as {train}, row 0"),
+    ]
+    assert loaded.warnings == [] and loaded.drops.rows_read == {str(train): 4, str(heldout): 2}
