@@ -1,10 +1,13 @@
-"""Hub models through the real huggingface_hub client, against a loopback Hub (tests/hub_server.py).
+"""Hub models and data sets through the real huggingface_hub and datasets clients, against a loopback Hub
+(tests/hub_server.py).
 
 What a user relies on: `model.name_or_path=org/name` downloads only safetensors, config and tokenizer
 files; a second run works from the Hugging Face cache with HF_HUB_OFFLINE=1 and no server; the commit a
 revision resolved to is in the cache key and run.json, so a `main` that moved is a named cache miss; a
 repo that does not exist, a revision that does not exist, a repo with only pickled weights, and
-offline-and-not-cached are each one clear error naming the repo and the revision.
+offline-and-not-cached are each one clear error naming the repo and the revision. The same for a data
+set (`data.hub`, read by `datasets`): downloaded once, read offline from its cache, its commit in the
+cache key (`data_source`), a missing one named.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from hub_server import LoopbackHub, set_offline, use_hub
 from tiny import tiny_overrides, write_hh_slice
 
 from dpo_zoo.config import load_config
-from dpo_zoo.errors import ModelError
+from dpo_zoo.errors import DataError, ModelError
 from dpo_zoo.models import HUB_MODEL_FILES, resolve_model, weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,3 +269,110 @@ def test_cli_prep_with_hf_environment_then_offline_after_the_server_stopped(tiny
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "'org/tiny' at revision 'v2' is not in the Hugging Face cache" in missing.stderr + missing.stdout
+
+
+# ---------------------------------------------------------------- Hub data sets (data.hub), through the same server
+
+
+def parquet_bytes(rows):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def hh_rows(tmp_path_factory):
+    """30 real HH-RLHF pairs (chosen / rejected dialogues), as rows."""
+    path = write_hh_slice(tmp_path_factory.mktemp("hh") / "hh.jsonl", 30)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def hh_dataset_files(rows):
+    """A data-set repo laid out as the Hub's parquet conversions are: data/<split>-00000-of-00001.parquet."""
+    return {"data/train-00000-of-00001.parquet": parquet_bytes(rows[:24]),
+            "data/test-00000-of-00001.parquet": parquet_bytes(rows[24:]),
+            "README.md": b"---\nlicense: mit\n---\n# a slice of Anthropic/hh-rlhf\n"}
+
+
+def hub_data(path="org/hh", **hub):
+    return {"preprocessor": "hh_rlhf", "hub": {"path": path, **hub}, "heldout_fraction": 0.0}
+
+
+def texts(pairs):
+    return [(p.prompt, p.chosen, p.rejected) for p in pairs]
+
+
+def test_hub_data_set_first_download_then_offline_after_the_server_stopped(hub, hh_rows, tmp_path, monkeypatch):
+    from data_prep import load_splits
+
+    commit = hub.push("org/hh", hh_dataset_files(hh_rows), repo_type="dataset")
+    monkeypatch.setenv("HF_TOKEN", "hf_loopbacktoken")
+    online = load_splits(hub_data(split="train", heldout_split="test"))
+    assert online.origin["commit"] == commit and online.origin["hub"] == "org/hh"
+    assert len(online.train) == 24 and len(online.heldout) == 6
+    # the same pairs as the same rows read from a local file
+    local = tmp_path / "hh.jsonl"
+    local.write_text("".join(json.dumps(r) + "\n" for r in hh_rows[:24]))
+    assert texts(online.train) == texts(load_splits({"preprocessor": "hh_rlhf", "train_path": str(local),
+                                                     "heldout_fraction": 0.0}).train)
+    # parquet files and the card are fetched, with the token; nothing else
+    assert sorted(p.rsplit("/", 1)[-1] for p in hub.fetched()) == [
+        "README.md", "test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
+    assert {r.authorization for r in hub.requests if "org/hh" in r.path} == {"Bearer hf_loopbacktoken"}
+
+    go_offline(hub, monkeypatch)
+    offline = load_splits(hub_data(split="train", heldout_split="test"))
+    assert offline.origin == online.origin and texts(offline.train) == texts(online.train)
+
+
+def test_a_hub_data_set_that_does_not_exist(hub):
+    from data_prep import load_splits
+
+    with pytest.raises(DataError) as info:
+        load_splits(hub_data("org/no-such-data"))
+    message = str(info.value)
+    assert "org/no-such-data" in message and "revision=main" in message and "not found" in message
+    assert "HF_TOKEN" in message
+
+
+def test_a_hub_data_set_offline_and_not_cached(hub, monkeypatch):
+    from data_prep import load_splits
+
+    go_offline(hub, monkeypatch)
+    with pytest.raises(DataError) as info:
+        load_splits(hub_data("org/never-fetched"))
+    message = str(info.value)
+    assert "org/never-fetched" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_prep_on_a_hub_model_and_data_set_names_each_moved_main(hub, tiny_repo_files, hh_rows, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Both a model and a data set from the Hub: each one's `main` moving is named on its own; offline with
+    the server gone, the same prep is a hit from the caches."""
+    model_commit = hub.push(TINY, tiny_repo_files)
+    data_commit = hub.push("org/hh", hh_dataset_files(hh_rows), repo_type="dataset")
+    overrides = tiny_overrides(TINY, "null", tmp_path / "prepared", **{
+        "prep.topk": 0, "data.hub.path": "org/hh", "data.hub.split": "train", "data.hub.heldout_split": "test"})
+    out = run_prep_quiet(overrides, capsys)
+    assert out.count("cache empty") == 2
+    key = json.loads((tmp_path / "prepared" / "heldout" / "manifest.json").read_text())["key"]
+    assert key["model_revision"] == model_commit and key["data_source"]["commit"] == data_commit
+
+    moved_data = hub.push("org/hh", hh_dataset_files(hh_rows), repo_type="dataset")
+    out = run_prep_quiet(overrides, capsys)
+    assert f"cache miss: data_source commit {data_commit[:8]}… → {moved_data[:8]}…" in out
+    assert "model_revision" not in out
+
+    moved_model = hub.push(TINY, tiny_repo_files)
+    out = run_prep_quiet(overrides, capsys)
+    assert f"cache miss: model_revision {model_commit[:8]}… → {moved_model[:8]}…" in out
+    assert "data_source" not in out
+
+    go_offline(hub, monkeypatch)
+    out = run_prep_quiet(overrides, capsys)
+    assert out.count("cache hit") == 2
