@@ -14,6 +14,10 @@ What enters the prepared set's cache key (:attr:`HubData.origin`): the data set,
 ``data_dir``, ``data_files``, the splits and the commit the revision resolved to (a ``main`` that moved
 is then a miss that names ``data_source``); the rows' content enters it through the pairs' fingerprint,
 as for files. A local folder has no revision: its content alone keys it.
+
+Offline, ``datasets`` serves the newest cached commit of a data set whatever revision is asked for; the
+commit a branch or tag named when last resolved online is kept in huggingface_hub's cache
+(``refs/<revision>``), and a mismatch is an error rather than silently other data.
 """
 
 from __future__ import annotations
@@ -139,6 +143,18 @@ class HubData:
                          column_names=list(dataset.column_names), schema=dataset.features.arrow_schema, kind="split")
 
 
+def _cached_commit(path: str, revision: str) -> Optional[str]:
+    """The commit ``revision`` of data set ``path`` named when last resolved online: itself when it is a
+    commit hash, else the ref that huggingface_hub's cache keeps (``refs/<revision>``); None if unknown."""
+    if COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=path, repo_type="dataset") / "refs" / revision
+    return ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+
+
 def open_hub(settings: HubSettings) -> HubData:
     """Resolve, download (unless cached) and prepare the data set; every failure is a :class:`DataError`
     that names the data set, the revision and what to do."""
@@ -170,10 +186,15 @@ def open_hub(settings: HubSettings) -> HubData:
     origin: Dict[str, Any] = {}
     if not settings.local:
         resolved = builder.hash if isinstance(builder.hash, str) else None
-        if COMMIT.fullmatch(settings.revision) and resolved and resolved != settings.revision:
-            # Offline, datasets falls back to the newest cached commit, whatever revision was asked for.
-            raise DataError(f"{where}: revision {settings.revision} is not in the local cache (it holds {resolved}); "
-                            "run with network access to download it")
+        if datasets.config.HF_HUB_OFFLINE:
+            # Offline, datasets reads the newest cached commit of the data set, whatever revision was asked
+            # for: check it against the commit the revision named when it was last resolved online.
+            expected = _cached_commit(settings.path, settings.revision)
+            if expected and resolved and resolved != expected:
+                raise DataError(
+                    f"{where}: offline (HF_HUB_OFFLINE=1), datasets reads only the newest cached commit of the data "
+                    f"set, {resolved}, but revision {settings.revision} is {expected}; run once with network "
+                    f"access, or set data.hub.revision={resolved}")
         origin = {"hub": settings.path, "name": settings.name, "data_dir": settings.data_dir,
                   "data_files": settings.data_files, "revision": settings.revision, "commit": resolved,
                   "split": settings.split, "heldout_split": settings.heldout_split}

@@ -168,3 +168,40 @@ def test_a_column_of_the_wrong_type_in_a_hub_split_is_one_error_naming_it(tmp_pa
     with pytest.raises(DataError, match=rf"^{tmp_path / 'repo'}:train: column 'chosen' has type int64 for the whole "
                                         "file; the generic preprocessor reads it as text"):
         load_splits({"preprocessor": "generic", "on_bad_row": "skip", "hub": {"path": str(tmp_path / "repo")}})
+
+
+def _parquet_bytes(rows):
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def test_through_a_loopback_hub_the_commit_is_recorded_and_offline_reads_only_what_is_cached(tmp_path, monkeypatch):
+    """The real datasets/huggingface_hub clients against tests/hub_server.py: the resolved commit is the
+    origin; a moved main resolves to its new commit; offline after the server stopped, the cache serves
+    the newest commit, and a revision the cache cannot serve is an error naming both commits."""
+    from hub_server import LoopbackHub, set_offline, use_hub
+
+    rows = [{"prompt": f"Q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(6)]
+    files = lambda n: {"data/train-00000-of-00001.parquet": _parquet_bytes(rows[:n]), "README.md": b"# prefs\n"}  # noqa: E731
+    data = {"preprocessor": "generic", "heldout_fraction": 0.0, "hub": {"path": "org/prefs"}}
+    with LoopbackHub() as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf")
+        first = hub.push("org/prefs", files(6), repo_type="dataset")
+        loaded = load_splits(data)
+        assert len(loaded.train) == 6 and loaded.train[0].source_file == "org/prefs:train"
+        assert loaded.origin == {"hub": "org/prefs", "name": None, "data_dir": None, "data_files": None,
+                                 "revision": "main", "commit": first, "split": "train", "heldout_split": None}
+        moved = hub.push("org/prefs", files(4), repo_type="dataset")
+        again = load_splits(data)
+        assert again.origin["commit"] == moved != first and len(again.train) == 4
+        assert load_splits({**data, "hub": {"path": "org/prefs", "revision": first}}).origin["commit"] == first
+    set_offline(monkeypatch, True)
+    offline = load_splits(data)
+    assert offline.origin["commit"] == moved and offline.fingerprint == again.fingerprint
+    with pytest.raises(DataError, match=rf"org/prefs \(revision={first}\): offline \(HF_HUB_OFFLINE=1\), datasets reads "
+                                        rf"only the newest cached commit of the data set, {moved}, but revision {first} "
+                                        rf"is {first}; run once with network access"):
+        load_splits({**data, "hub": {"path": "org/prefs", "revision": first}})
