@@ -36,7 +36,7 @@ def losses_markdown() -> str:
         "",
         "Every registered name, as `dpo-zoo losses` prints it. Pick one with `loss=<name>` and set a",
         "hyperparameter with `loss.<name>=<value>`; the full math, defaults and sources are in each",
-        "loss's docstring and in the specification (`shared/spec/losses.md`).",
+        "loss's docstring, with its paper ([papers.md](papers.md)).",
         "",
         format_loss_table(loss_table_rows()),
         "",

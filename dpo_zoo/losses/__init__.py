@@ -1,4 +1,4 @@
-"""The loss registry: every DPO-family loss of ``shared/spec/losses.md``, one file per family.
+"""The loss registry: every DPO-family loss dpo_zoo implements (docs/losses.md), one file per family.
 
 Use a loss from tensors::
 
