@@ -47,7 +47,8 @@ file's sha256 matches the sidecar: a killed prep resumes from there, recomputing
 sha256 of a user-supplied reference file, the commit a Hub model's revision resolved to
 (``model_revision``), tokenizer fingerprint, chat template, max_length, max_prompt_length,
 truncation_mode, the chat_template setting, preprocessor + options + column map + split settings, a
-fingerprint of the split's pair content, dtype, topk and the schema version. A lookup with another
+fingerprint of the split's pair content, for a Hub data set its name, subset, splits and the commit its
+revision resolved to (``data_source``), dtype, topk and the schema version. A lookup with another
 key is a miss whose message names every differing field.
 
 Reading: :class:`PreparedSet` memory-maps the shards (nothing is loaded whole); ``verify_prepared_set``
