@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo docs
+.PHONY: setup test test-fast test-float demo docs
 
 setup:
 	bash launch/setup_env.sh $(VENV)
@@ -16,6 +16,15 @@ test: setup
 # Everything but the tests that run the real 135M model or the deepspeed launcher.
 test-fast: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The tests that compare floats computed along different paths (marker float_sensitive, not slow), again
+# with 1 and with 2 torch threads (DPO_ZOO_TEST_THREADS, read in tests/conftest.py): a test that relies
+# on bit-identical floats across batch shapes or kernels then fails here, on any machine.
+FLOAT_THREADS ?= 1 2
+test-float: setup
+	for threads in $(FLOAT_THREADS); do \
+		DPO_ZOO_TEST_THREADS=$$threads DS_ACCELERATOR=cpu $(PY) -m pytest -m "float_sensitive and not slow" $(PYTEST_ARGS) || exit 1; \
+	done
 
 demo: setup
 	bash launch/demo.sh

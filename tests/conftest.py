@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _apply_test_threads():
+def pytest_configure(config):
+    """Apply DPO_ZOO_TEST_THREADS before anything is collected (a bad value is a plain usage error)."""
     value = os.environ.get("DPO_ZOO_TEST_THREADS")
     if not value:
         return
@@ -35,8 +36,6 @@ def _apply_test_threads():
     torch.set_num_threads(int(value))
     os.environ["OMP_NUM_THREADS"] = value
 
-
-_apply_test_threads()
 
 from tiny import make_tiny_model_dir, tiny_overrides, write_hh_slice  # noqa: E402
 

@@ -201,6 +201,7 @@ def test_tokenizer_fingerprint_covers_files_and_template(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.float_sensitive
 def test_converted_smollm2_matches_the_gguf_model():
     """The converted folder gives the same logits as transformers' own GGUF loader (uses the default
     cache root, so the conversion is done once per machine)."""

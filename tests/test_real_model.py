@@ -11,6 +11,7 @@ from tiny import HH_RLHF_TEST as HH
 
 
 @pytest.mark.slow
+@pytest.mark.float_sensitive
 def test_smollm2_lora_trains_from_the_cli_with_a_falling_loss(tmp_path):
     """16 real HH pairs, 4 per step: after one epoch the same pairs come back, and their loss is lower."""
     overrides = [
