@@ -298,6 +298,20 @@ def run_prep(cfg: Any) -> Dict[str, Path]:
         processes.close()
 
 
+def _quietly(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` with the progress bars of ``datasets`` (a Hub data set's download and
+    preparation) off, as prep.progress=false asks; restored afterwards."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return function(*args)
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
 @dataclass
 class _Context:
     model: ResolvedModel
@@ -318,7 +332,7 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
         model = resolve_model(cfg.model)
     model_path = model.path
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    splits = data_prep.load_splits(cfg.data)
+    splits = _quietly(data_prep.load_splits, cfg.data) if not cfg.prep.progress else data_prep.load_splits(cfg.data)
     reference_file = None
     if cfg.prep.reference_logps_path:
         if cfg.prep.topk:

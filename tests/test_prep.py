@@ -266,6 +266,24 @@ def test_prep_prints_the_data_warnings(workdir, capsys):
             "to drop them)") in capsys.readouterr().out
 
 
+def test_a_data_set_folder_is_read_without_progress_bars_when_progress_is_off(workdir, capsys, monkeypatch):
+    """data.hub on a folder laid out like a Hub repo: datasets prepares it; prep.progress=false keeps its
+    progress bars off (CI logs), and they are back on afterwards."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", workdir / "hf_datasets")
+    (workdir / "prefs" / "data").mkdir(parents=True)
+    rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), workdir / "prefs" / "data" / "train-00000-of-00001.parquet")
+    capsys.readouterr()
+    context = _load_context(make_cfg("data.train_path=null", "data.hub.path=prefs"), Processes(single=True))
+    assert len(context.splits.train) == N_PAIRS and context.splits.train[0].source_file == "prefs:train"
+    assert "Generating" not in capsys.readouterr().err
+    assert datasets.is_progress_bar_enabled()
+
+
 def _add_rows_without_prompt_tokens(path: Path, n: int) -> None:
     """Rows that pass loading but are dropped at tokenization: an empty string prompt has no tokens."""
     with open(path, "a") as f:
