@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="compare trained runs (or losses) on held-out pairs")
-    p.add_argument("runs", nargs="+", help="run folders (or one model folder with --losses all)")
+    p.add_argument("runs", nargs="+", help="run folders or model folders (or Hub names org/name)")
     p.add_argument("--data", required=True, help="a prepared held-out set (dpo-zoo prep output)")
     p.add_argument("--losses", default=None, help="'all' or comma-separated loss names: score one model under each")
     p.add_argument("--output", default=None, help="report folder (default: compare.output_dir)")

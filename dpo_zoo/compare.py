@@ -131,10 +131,17 @@ def parse_loss_list(losses: Optional[str]) -> Optional[List[str]]:
 
 
 def open_subject(path: str, cfg, loss_names: Optional[List[str]]) -> Subject:
-    """Read a run folder (``run.json`` + ``final/``) or a model folder into a :class:`Subject`."""
-    from .models import resolve_model_path, tokenizer_fingerprint
+    """Read a run folder (``run.json`` + ``final/``), a model folder or a Hub model name (``org/name``,
+    fetched at ``model.revision`` when it is ``model.name_or_path``, else at ``main``) into a
+    :class:`Subject`."""
+    from .models import DEFAULT_REVISION, is_hub_repo_id, resolve_hub_model, resolve_model_path, tokenizer_fingerprint
 
     folder = Path(path)
+    label = folder.name
+    if not folder.exists() and is_hub_repo_id(str(path)):
+        same = str(path) == str(cfg.model.name_or_path)
+        folder = resolve_hub_model(str(path), str(cfg.model.revision) if same else DEFAULT_REVISION).path
+        label = str(path)
     if folder.name == FINAL_DIR and (folder.parent / RUN_FILE).is_file():
         folder = folder.parent  # `runs/dpo/final` names the run `runs/dpo`
     if (folder / RUN_FILE).is_file():
@@ -178,7 +185,7 @@ def open_subject(path: str, cfg, loss_names: Optional[List[str]]) -> Subject:
         )
     tokenizer_dir = folder if _has_tokenizer(folder) else base
     name, hparams = loss_hparams(cfg)
-    return Subject(label=folder.name, path=folder, weights_dir=folder, base_model=Path(base), adapter=adapter,
+    return Subject(label=label, path=folder, weights_dir=folder, base_model=Path(base), adapter=adapter,
                    losses=_entry_losses([(name, hparams)], loss_names),
                    tokenizer_hash=tokenizer_fingerprint(tokenizer_dir),
                    tokenizer_source=f"the tokenizer files in {tokenizer_dir}")

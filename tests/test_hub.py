@@ -206,6 +206,41 @@ def test_prep_keys_the_commit_and_a_moved_main_is_a_named_miss(hub, tiny_repo_fi
     assert out.count("cache hit") == 2 and "nothing to do" in out
 
 
+def test_train_refuses_a_cache_of_the_old_main_and_names_both_commits(hub, tiny_repo_files, tmp_path, capsys):
+    """main moved to other weights after prep: the cached reference no longer matches the policy's
+    starting weights, and the refusal says that the revision moved."""
+    from tiny import make_tiny_model_dir
+
+    from dpo_zoo.errors import TrainingError
+    from dpo_zoo.trainer import train
+
+    first = hub.push(TINY, tiny_repo_files)
+    overrides = prep_overrides(tmp_path)
+    run_prep_quiet(overrides, capsys)
+    retrained = make_tiny_model_dir(tmp_path / "retrained", seed=1)
+    moved = hub.push(TINY, {**tiny_repo_files, "model.safetensors": (retrained / "model.safetensors").read_bytes()})
+    with pytest.raises(TrainingError) as info:
+        train(load_config([], overrides + [f"train.output_dir={tmp_path / 'run'}", "train.reference=cache"]))
+    message = str(info.value)
+    assert "computed by another model" in message
+    assert f"prepared at commit {first[:12]}; model.revision 'main' of {TINY} now resolves to {moved[:12]}" in message
+
+
+def test_compare_takes_a_hub_name_and_finds_it_offline(hub, tiny_repo_files, tmp_path, capsys, monkeypatch):
+    """`dpo-zoo compare org/name`: the Hub model against the cache made from it, with the server gone.
+    The policy is the reference, so every margin is 0 and the accuracy is exactly 1/2 (ties score 1/2)."""
+    from dpo_zoo.compare import run_compare
+
+    hub.push(TINY, tiny_repo_files)
+    overrides = prep_overrides(tmp_path)
+    run_prep_quiet(overrides, capsys)
+    go_offline(hub, monkeypatch)
+    summary = run_compare(load_config([], overrides + ["compare.kl_samples=0"]), runs=[TINY],
+                          data=str(tmp_path / "prepared" / "heldout"), losses="dpo", output_dir=str(tmp_path / "report"))
+    (entry,) = summary["entries"]
+    assert entry["subject"] == TINY and entry["metrics"]["rewards/accuracies"] == 0.5
+
+
 @pytest.mark.slow
 def test_lora_on_a_hub_base_records_it_and_compare_finds_it_offline(hub, tiny_repo_files, tmp_path, capsys,
                                                                     monkeypatch):
