@@ -133,6 +133,19 @@ def loss_wants(loss: Loss) -> set:
     return set(loss.requires) | set(loss.optional)
 
 
+REFERENCE_COLUMNS = frozenset({
+    S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.REF_CHOSEN_TOKEN_LOGPS, S.REF_REJECTED_TOKEN_LOGPS,
+    S.REF_CHOSEN_TOPK_IDS, S.REF_REJECTED_TOPK_IDS, S.REF_CHOSEN_TOPK_LOGPS, S.REF_REJECTED_TOPK_LOGPS,
+    S.REF_CHOSEN_REST_LOGMASS, S.REF_REJECTED_REST_LOGMASS,
+})
+
+
+def columns_to_read(columns: Sequence[str], reference_from_rows: bool) -> List[str]:
+    """The prepared-set columns a pass reads: all of them, less the reference columns when the
+    reference values do not come from the rows (a reference-free loss, or a live reference)."""
+    return [c for c in columns if reference_from_rows or c not in REFERENCE_COLUMNS]
+
+
 def cache_reference_fields(loss: Loss) -> List[str]:
     """The reference fields the loss reads, in the form a prepared set stores them."""
     wants = loss_wants(loss)

@@ -15,8 +15,8 @@ pairs. Each shard is one record batch whose columns are those of :mod:`data_prep
 message list); ``chosen_input_ids`` / ``rejected_input_ids`` (list<int32>, prompt + completion);
 ``chosen_completion_start`` / ``rejected_completion_start`` (int32); ``is_tie`` (bool); ``weight``
 (float32); ``soft_label`` (float32, null when the data has none); ``ref_chosen_logps`` /
-``ref_rejected_logps`` (float64, the sum over completion tokens); and, when the reference values are
-per token, ``ref_chosen_token_logps`` / ``ref_rejected_token_logps`` (list<float32>, one per completion
+``ref_rejected_logps`` (float64, the sum over completion tokens; with ``prep.reference=false`` no
+``ref_*`` column at all); and, when the reference values are per token, ``ref_chosen_token_logps`` / ``ref_rejected_token_logps`` (list<float32>, one per completion
 token, aligned with ``input_ids[completion_start:]``). With ``prep.topk = k > 0`` also
 ``ref_{side}_topk_ids`` (list<list<int32>> [T, k]), ``ref_{side}_topk_logps`` (list<list<float32>>
 [T, k]) and ``ref_{side}_rest_logmass`` (list<float32> [T], ``log(1 − Σ_topk p)``). Behaviour-policy
@@ -30,8 +30,9 @@ file's sha256 matches the sidecar: a killed prep resumes from there, recomputing
 
     format, schema_version, split, created, dpo_zoo_version
     key           the WHOLE cache key (see below); key_digest = sha256 of its canonical JSON
-    provides      the loss needs it can serve (dpo_zoo.losses.Need values): sequence_logps, ties,
-                  weights always; token_logps with per-token values; vocab_logps with topk > 0 (as
+    provides      the loss needs it can serve (dpo_zoo.losses.Need values): ties, weights always;
+                  sequence_logps unless prepared with prep.reference=false (key reference_source
+                  "none": a set for reference-free losses); token_logps with per-token values; vocab_logps with topk > 0 (as
                   top-k + leftover mass); soft_labels / behavior_logps when every pair has them
     columns       the Arrow columns; topk
     counts        pairs, shards, tokens {input, completion} (both sides), bytes
@@ -176,14 +177,22 @@ class PairReference:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which optional columns a prepared set has."""
+    """Which optional columns a prepared set has. ``reference=False`` (``prep.reference=false``): no
+    reference column at all, so the set serves only reference-free losses (and live-reference runs)."""
 
     token_level: bool = True
     topk: int = 0
     behavior: bool = False
+    reference: bool = True
+
+    def __post_init__(self):
+        if not self.reference and (self.token_level or self.topk):
+            raise ValueError("a layout without reference values has no per-token or top-k reference columns")
 
     def provides(self, soft_labels: bool) -> List[str]:
-        needs = ["sequence_logps", "ties", "weights"]
+        needs = ["ties", "weights"]
+        if self.reference:
+            needs.append("sequence_logps")
         if self.token_level:
             needs.append("token_logps")
         if self.topk > 0:
@@ -209,9 +218,9 @@ def arrow_schema(layout: Layout) -> pa.Schema:
         pa.field(S.IS_TIE, pa.bool_()),
         pa.field(S.WEIGHT, pa.float32()),
         pa.field(S.SOFT_LABEL, pa.float32()),
-        pa.field(S.REF_CHOSEN_LOGPS, pa.float64()),
-        pa.field(S.REF_REJECTED_LOGPS, pa.float64()),
     ]
+    if layout.reference:
+        fields += [pa.field(S.REF_CHOSEN_LOGPS, pa.float64()), pa.field(S.REF_REJECTED_LOGPS, pa.float64())]
     if layout.token_level:
         fields += [
             pa.field(S.REF_CHOSEN_TOKEN_LOGPS, pa.list_(pa.float32())),
@@ -258,11 +267,12 @@ def _nested_list_array(arrays: Sequence[np.ndarray], value_type: pa.DataType, wh
 
 
 def build_shard_table(
-    rows: Sequence[S.TokenizedPair], references: Sequence[PairReference], layout: Layout
+    rows: Sequence[S.TokenizedPair], references: Optional[Sequence[PairReference]], layout: Layout
 ) -> pa.Table:
-    """The Arrow table of one shard: ``rows`` in order with their ``references`` (same order)."""
-    if len(rows) != len(references):
-        raise ValueError(f"{len(rows)} rows but {len(references)} reference values")
+    """The Arrow table of one shard: ``rows`` in order with their ``references`` (same order; None
+    for a layout without reference values)."""
+    if layout.reference and (references is None or len(rows) != len(references)):
+        raise ValueError(f"{len(rows)} rows but {0 if references is None else len(references)} reference values")
     pairs = [r.pair for r in rows]
     columns: Dict[str, pa.Array] = {
         S.ID: pa.array([p.id for p in pairs], pa.string()),
@@ -276,10 +286,12 @@ def build_shard_table(
         S.IS_TIE: pa.array([bool(p.is_tie) for p in pairs], pa.bool_()),
         S.WEIGHT: pa.array([float(p.weight) for p in pairs], pa.float32()),
         S.SOFT_LABEL: pa.array([None if p.soft_label is None else float(p.soft_label) for p in pairs], pa.float32()),
-        S.REF_CHOSEN_LOGPS: pa.array([float(r.chosen.logps) for r in references], pa.float64()),
-        S.REF_REJECTED_LOGPS: pa.array([float(r.rejected.logps) for r in references], pa.float64()),
     }
-    for side, refs in (("chosen", [r.chosen for r in references]), ("rejected", [r.rejected for r in references])):
+    if layout.reference:
+        columns[S.REF_CHOSEN_LOGPS] = pa.array([float(r.chosen.logps) for r in references], pa.float64())
+        columns[S.REF_REJECTED_LOGPS] = pa.array([float(r.rejected.logps) for r in references], pa.float64())
+    for side, refs in (("chosen", [r.chosen for r in references or ()]),
+                       ("rejected", [r.rejected for r in references or ()])):
         if layout.token_level:
             name = f"ref_{side}_token_logps"
             columns[name] = _list_array([r.token_logps for r in refs], pa.float32(), name)
@@ -658,6 +670,8 @@ def _check_side(path: Path, table: pa.Table, side: str, columns: List[str], ids:
     tokens["input"] += int(seq_len.sum())
     tokens["completion"] += int(completion.sum())
     sums_col = f"ref_{side}_logps"
+    if sums_col not in columns:  # prepared with prep.reference=false: no reference column to check
+        return
     sums = table.column(sums_col).to_numpy(zero_copy_only=False)
     if not np.all(np.isfinite(sums)):
         fail(int(np.nonzero(~np.isfinite(sums))[0][0]), sums_col, "not finite")
@@ -690,7 +704,8 @@ def _layout_of(manifest: Mapping[str, Any]) -> pa.Schema:
     """The Arrow schema a manifest describes (used for an empty set, which has no shard to read)."""
     columns = set(manifest["columns"])
     return arrow_schema(Layout(token_level=S.REF_CHOSEN_TOKEN_LOGPS in columns, topk=int(manifest.get("topk", 0)),
-                               behavior=S.BEHAVIOR_CHOSEN_LOGPS in columns))
+                               behavior=S.BEHAVIOR_CHOSEN_LOGPS in columns,
+                               reference=S.REF_CHOSEN_LOGPS in columns))
 
 
 class PreparedSet:
@@ -748,6 +763,11 @@ class PreparedSet:
     @property
     def columns(self) -> List[str]:
         return list(self.manifest["columns"])
+
+    @property
+    def has_reference(self) -> bool:
+        """False for a set prepared with ``prep.reference=false`` (no reference log-probs stored)."""
+        return S.REF_CHOSEN_LOGPS in self.manifest["columns"]
 
     @property
     def topk(self) -> int:

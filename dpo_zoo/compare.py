@@ -298,7 +298,9 @@ class BaseModels:
 @dataclass(frozen=True)
 class BatchNeeds:
     """What one :func:`pair_batch` call fills to serve several losses at once: the union of their needs
-    (``pair_batch`` reads only ``requires``, ``optional`` and ``needs_reference`` of a loss)."""
+    (``pair_batch`` reads only ``requires``, ``optional`` and ``needs_reference`` of a loss). The
+    reference is always wanted, reference-free losses or not: compare reports every subject's drift
+    from it (log-prob shift, implicit KL)."""
 
     requires: frozenset
     optional: frozenset = frozenset()
@@ -307,7 +309,7 @@ class BatchNeeds:
     @classmethod
     def union(cls, losses: Sequence[Loss]) -> "BatchNeeds":
         wants = frozenset().union(*(loss_wants(loss) for loss in losses)) if losses else frozenset()
-        return cls(requires=wants, needs_reference=any(loss.needs_reference for loss in losses))
+        return cls(requires=wants, needs_reference=True)
 
 
 def missing_inputs(loss: Loss, provides, live_reference: bool) -> List[str]:
@@ -334,6 +336,8 @@ def plan_reference(subject: Subject, own: Sequence[Loss], heldout, notes: List[s
     from .models import weights_fingerprint
 
     reasons = []
+    if not heldout.has_reference:
+        reasons.append(f"{heldout.path} holds no reference log-probs (prepared with prep.reference=false)")
     for loss in own:
         lacking = missing_inputs(loss, heldout.provides, live_reference=False)
         if lacking:

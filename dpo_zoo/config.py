@@ -117,7 +117,10 @@ class PrepConfig:
     # auto: the tokenizer's chat template for conversational data, plain text otherwise.
     # none: never apply a template. Any other string: a Jinja chat template to use.
     chat_template: str = "auto"
-    # Reference pass.
+    # Reference pass. `reference: false` skips it: no reference model is loaded and the prepared set
+    # stores no reference log-probs (its key says `reference_source: none`). Enough for reference-free
+    # losses; a loss that needs the reference refuses such a set unless trained with train.reference=live.
+    reference: bool = True
     batch_size: int = 8
     shard_size: int = 256
     dtype: str = "float32"

@@ -334,7 +334,17 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     splits = _quietly(data_prep.load_splits, cfg.data) if not cfg.prep.progress else data_prep.load_splits(cfg.data)
     reference_file = None
-    if cfg.prep.reference_logps_path:
+    if not cfg.prep.reference:
+        # A set for reference-free losses: no reference model is loaded and no reference value stored.
+        for key, value, why in (("prep.topk", cfg.prep.topk, "the reference model's top-k distribution"),
+                                ("prep.reference_logps_path", cfg.prep.reference_logps_path, "a reference file")):
+            if value:
+                raise CacheError(
+                    f"{key} = {value!r} asks for {why}, but prep.reference=false skips the reference pass; "
+                    f"set {key} back to its default or prep.reference=true"
+                )
+        reference = {"source": "none"}
+    elif cfg.prep.reference_logps_path:
         if cfg.prep.topk:
             raise CacheError(
                 f"prep.topk = {cfg.prep.topk} needs the reference model's distribution, which a "
@@ -443,8 +453,10 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
     """Compute this rank's unfinished shards of one split; rank 0 then writes the manifest.
     Returns the reference model (loaded on first need, reused for the next split)."""
     key = context.keys[split]
+    has_reference = context.reference["source"] != "none"
     layout = Layout(
-        token_level=context.reference_file is None or context.reference_file.token_level,
+        reference=has_reference,
+        token_level=has_reference and (context.reference_file is None or context.reference_file.token_level),
         topk=int(cfg.prep.topk),
         behavior=bool(rows) and all(
             p.pair.extra.get("behavior_chosen_logps") is not None and p.pair.extra.get("behavior_rejected_logps") is not None
@@ -462,7 +474,7 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
     if len(todo) < len(mine):
         say(processes, f"{split}: {len(mine) - len(todo)} of {len(mine)} shards already done, kept")
     device = processes.device()
-    if todo and context.reference_file is None and model is None:
+    if todo and context.reference["source"] == "model" and model is None:
         model = load_model(context.model.path, cfg.prep.dtype, trust_remote_code=cfg.model.trust_remote_code)
         model.to(device)
     pad_id = context.tokenizer.pad_token_id
@@ -484,7 +496,11 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
     try:
         for index in todo:
             shard = shard_rows[index]
-            if context.reference_file is not None:
+            if not has_reference:
+                references = None
+                progress["sequences"] += 2 * len(shard)
+                bar.update(progress["sequences"] // 2 - bar.n)
+            elif context.reference_file is not None:
                 references = references_from_file(context.reference_file, shard, split)
                 progress["sequences"] += 2 * len(shard)
                 bar.update(progress["sequences"] // 2 - bar.n)

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .batching import Collated, cache_reference_fields, collate, loss_wants, pair_batch
+from .batching import Collated, cache_reference_fields, collate, columns_to_read, loss_wants, pair_batch
 from .config import as_dict, loss_hparams, save_resolved
 from .errors import CacheError, TrainingError
 from .losses import Loss, LossOutput, Need, build_loss
@@ -205,8 +205,14 @@ def choose_reference(cfg, loss: Loss, train_set) -> str:
     """'cache' or 'live'. ``auto`` takes the cache when it holds every reference field the loss reads."""
     if not loss.needs_reference:
         return "none"
-    missing = missing_from_cache(loss, train_set)
     mode = cfg.train.reference
+    if not train_set.has_reference and mode != "live":
+        raise TrainingError(
+            f"loss '{loss.name}' needs reference log-probs ({', '.join(cache_reference_fields(loss))}), which the "
+            f"prepared set at {train_set.path} does not hold: it was prepared with prep.reference=false. Prepare "
+            "it again with prep.reference=true, or train with train.reference=live."
+        )
+    missing = missing_from_cache(loss, train_set)
     if mode == "auto":
         return "live" if missing else "cache"
     if mode == "cache" and missing:
@@ -456,12 +462,13 @@ def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference=
     module.eval()
     size = cfg.train.micro_batch_size
     mine = list(range(run.rank * size, len(dataset), run.world_size * size))
+    columns = columns_to_read(dataset.columns, reference_from_rows=reference[0] is None and loss.needs_reference)
     sums: Dict[str, float] = {}
     count = 0.0
     with torch.no_grad():
         for start in mine:
             indices = list(range(start, min(start + size, len(dataset))))
-            collated = collate(dataset.rows(indices), pad_id).to(run.device)
+            collated = collate(dataset.rows(indices, columns), pad_id).to(run.device)
             generator = _micro_generator(loss, run, cfg.train.seed, -1, start)  # fixed draws: a stable eval
             forward = pair_batch(loss, module, collated, reference_model=reference[0], reference_context=reference[1], generator=generator)
             output = loss(forward.batch)
@@ -534,6 +541,7 @@ def train(cfg) -> Path:
         run.log({"event": "start", "step": start_step, "loss_name": name, "reference": reference_mode})
 
     # ---- loop
+    columns = columns_to_read(train_set.columns, reference_from_rows=reference_mode == "cache")
     engine.module.train()
     bar = tqdm(total=max_steps, initial=start_step, desc=f"train {name}", disable=not (run.is_main and t.progress))
     last_metrics: Dict[str, float] = {}
@@ -543,7 +551,7 @@ def train(cfg) -> Path:
         tokens = 0
         for micro in range(t.gradient_accumulation_steps):
             indices = micro_batch_indices(len(train_set), t.seed, step, micro, t, run.rank, run.world_size)
-            collated = collate(train_set.rows(indices), pad_id).to(run.device)
+            collated = collate(train_set.rows(indices, columns), pad_id).to(run.device)
             forward = pair_batch(
                 loss, engine, collated,
                 reference_model=reference[0], reference_context=reference[1],

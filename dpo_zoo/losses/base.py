@@ -280,10 +280,16 @@ class Loss:
             config = dataclasses.replace(config, **hparams)
         self.config = config
 
+    # A reference-free loss (SimPO, CPO, ORPO, SFT) sets this: its needs then ask only for the policy's
+    # side of the log-prob fields, the trainer loads no reference model and reads no reference column
+    # from the prepared set, and such a loss trains on a set prepared with ``prep.reference=false``.
+    reference_free: ClassVar[bool] = False
+
     @property
     def needs_reference(self) -> bool:
-        """Whether the loss reads reference log-probs at all (all of the spec's losses do)."""
-        return True
+        """Whether the loss reads reference log-probs at all (``not reference_free``; a loss whose
+        answer depends on its hyperparameters overrides this property)."""
+        return not self.reference_free
 
     @property
     def accepts_topk_reference(self) -> bool:
@@ -585,4 +591,6 @@ def describe_needs(entry: RegisteredLoss) -> List[str]:
     cls = entry.cls
     out = [n.value for n in sorted(cls.requires, key=lambda n: n.value)]
     out += [f"[{n.value}]" for n in sorted(cls.optional, key=lambda n: n.value)]
+    if not cls(cls.Config(**entry.presets)).needs_reference:
+        out.append("no reference")
     return out
