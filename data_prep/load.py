@@ -26,6 +26,7 @@ from .normalize import PAIR_FIELDS, Row, check_columns, check_encodable, generic
 from .hub import hub_settings, open_hub
 from .readers import RowSource, open_rows
 from .schema import PreferencePair
+from .reward_pairs import Generate, load_reward_pairs
 from .vader import load_vader
 
 FINGERPRINT_VERSION = b"dpo_zoo.pairs.v1\n"
@@ -111,7 +112,7 @@ class DuplicateRows:
     def warnings(self) -> List[str]:
         return [f"{file}: {n} rows are exact copies of earlier rows (kept; set data.drop_duplicate_rows=true "
                 "to drop them)" for file, n in self.kept.items()]
-PREPROCESSORS = (*FILE_PREPROCESSORS, "vader")
+PREPROCESSORS = (*FILE_PREPROCESSORS, "vader", "reward_pairs")
 
 
 def data_settings(data_cfg: Any) -> Dict[str, Any]:
@@ -258,8 +259,11 @@ def _cap(pairs: List[PreferencePair], limit: Optional[int], key: str, drops: Dro
     return pairs[:limit]
 
 
-def load_splits(data_cfg: Any) -> LoadedSplits:
+def load_splits(data_cfg: Any, generate: Optional[Generate] = None) -> LoadedSplits:
     """Read, normalize, validate and split the data described by ``data_cfg`` (the ``data`` section).
+
+    ``generate`` samples and scores completions for the ``reward_pairs`` preprocessor
+    (:mod:`data_prep.reward_pairs`); ``dpo-zoo prep`` passes one built on the reference model.
 
     Raises :class:`DataError` at the first bad row with ``on_bad_row: error``; with ``skip`` the bad rows
     are in ``LoadedSplits.drops``. Raises too when no training pair is left.
@@ -281,7 +285,16 @@ def load_splits(data_cfg: Any) -> LoadedSplits:
     warnings: List[str] = []
     has_heldout = bool(heldout_path)
 
-    if name == "vader":
+    if name == "reward_pairs":
+        for key, given in (("data.hub.path", hub is not None), ("data.columns", bool(s.get("columns"))),
+                           ("data.heldout_path", bool(heldout_path))):
+            if given:
+                raise DataError(f"`{key}`: the reward_pairs preprocessor samples its own pairs from prompts "
+                                "(data.options.prompts) and splits them by prompt; remove it")
+        train, heldout, sources, pair_stats, origin = load_reward_pairs(
+            train_path, heldout_fraction=fraction, options=options, policy=policy, drops=drops, generate=generate)
+        stats.update(pair_stats)
+    elif name == "vader":
         if hub is not None:
             raise DataError("`data.hub.path`: the vader preprocessor reads the VADER ratings (data.train_path), "
                             "not a Hub data set; set data.hub.path to null")

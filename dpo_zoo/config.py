@@ -213,7 +213,7 @@ class ExperimentConfig:
 
 # Values checked beyond their type: key -> (allowed values) or a predicate with its description.
 CHOICES: Dict[str, Tuple[str, ...]] = {
-    "data.preprocessor": ("generic", "hh_rlhf", "vader", "ultrafeedback"),
+    "data.preprocessor": ("generic", "hh_rlhf", "vader", "ultrafeedback", "reward_pairs"),
     "data.on_bad_row": ("error", "skip"),
     "prep.truncation_mode": ("keep_end", "keep_start"),
     "prep.dtype": ("float32", "bfloat16", "float16", "float64"),

@@ -332,7 +332,11 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
         model = resolve_model(cfg.model)
     model_path = model.path
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    splits = _quietly(data_prep.load_splits, cfg.data) if not cfg.prep.progress else data_prep.load_splits(cfg.data)
+    generate = _reward_sampler(cfg, model_path, tokenizer) if cfg.data.preprocessor == "reward_pairs" else None
+    if cfg.prep.progress:
+        splits = data_prep.load_splits(cfg.data, generate)
+    else:
+        splits = _quietly(data_prep.load_splits, cfg.data, generate)
     reference_file = None
     if not cfg.prep.reference:
         # A set for reference-free losses: no reference model is loaded and no reference value stored.
@@ -364,6 +368,17 @@ def _load_context(cfg: Any, processes: Processes) -> _Context:
         for split in SPLITS
     }
     return _Context(model, tokenizer, splits, reference, reference_file, keys)
+
+
+def _reward_sampler(cfg: Any, model_path: Path, tokenizer: Any):
+    """The sampler of the reward_pairs preprocessor: the reference model, its samples kept in
+    ``<prep.output_dir>/generations`` (resumable shards; :mod:`dpo_zoo.reward_pairs`)."""
+    from .reward_pairs import ShardedSampler
+
+    return ShardedSampler(model_path, tokenizer, weights=weights_fingerprint(model_path, memo_root=cache_root(cfg.model)),
+                          tokenizer_hash=tokenizer_fingerprint(tokenizer),
+                          work_dir=Path(cfg.prep.output_dir).expanduser() / "generations",
+                          dtype=str(cfg.prep.dtype), progress=bool(cfg.prep.progress))
 
 
 def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[S.TokenizedPair]]:
