@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     import torch
 
     import data_prep
-    from dpo_zoo.cache import Layout, PreparedSetWriter, build_shard_table, plan_shards, shard_token_counts
+    from dpo_zoo.cache_format import Layout
+    from dpo_zoo.cache_writer import PreparedSetWriter, build_shard_table, plan_shards, shard_token_counts
     from dpo_zoo.config import load_config
     from dpo_zoo.models import load_model, load_tokenizer, resolve_model_path
     from dpo_zoo.prep import plan_batches, reference_pass

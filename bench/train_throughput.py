@@ -308,8 +308,8 @@ def worker_dpo_zoo(spec: Dict[str, Any]) -> Dict[str, Any]:
         clock.batch(collated.attention_mask)
         return collated
 
-    def timed_engine(cfg_, policy, run):
-        engine = build_engine(cfg_, policy, run)
+    def timed_engine(cfg_, policy, world_size):
+        engine = build_engine(cfg_, policy, world_size)
         engine_step = engine.step
 
         def step(*args, **kwargs):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Mapping, Optional, Tuple
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 from .drops import MISSING_FIELD, WRONG_TYPE
 

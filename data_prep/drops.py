@@ -1,7 +1,7 @@
 """Bad rows: the reasons a row can be rejected, the drop report, and the ``on_bad_row`` policy.
 
 Every check in ``data_prep`` that rejects a row raises :class:`BadRow` (reason, field, detail). The
-caller hands it to a :class:`RowPolicy`, which either stops with a :class:`~dpo_zoo.errors.DataError`
+caller hands it to a :class:`RowPolicy`, which either stops with a :class:`~data_prep.errors.DataError`
 naming file, row and field (``on_bad_row: error``) or records the row in a :class:`DropReport`
 (``on_bad_row: skip``). Nothing else drops rows, so ``DropReport.total`` plus the pairs kept always
 accounts for every row read.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 # --- reasons (stable strings: they are the keys of DropReport.counts, appear in reports and errors, and
 # are listed in the README; each names its category the way a user would search for it) -------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 from .readers import DEFAULT_SPLITS, RowSource, dataset_rows
 

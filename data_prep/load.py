@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 from . import hh_rlhf, ultrafeedback
 from .columns import check_schema, whole_file_problem

@@ -27,7 +27,7 @@ import hashlib
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 from .drops import (
     BAD_ROLE,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 from .drops import MALFORMED_JSON, NOT_AN_OBJECT, UNDECODABLE, BadRow, describe
 

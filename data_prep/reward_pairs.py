@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .drops import DropReport, RowPolicy
-from dpo_zoo.errors import DataError
+from .errors import DataError
 from .normalize import heldout_by_hash
 from .schema import PreferencePair
 

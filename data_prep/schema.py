@@ -9,9 +9,11 @@
    where the completion starts (the two sides may differ in prompt tokens when a tokenizer merges
    across the boundary, so each side carries its own start).
 
-3. A **prepared set** (on disk, ``dpo_zoo.cache``) is Arrow shards with the columns below, plus a
-   manifest. Reference values are per completion token, aligned with
-   ``input_ids[completion_start:]``.
+3. The **reference values** of a pair (:class:`PairReference`): per side the summed log-prob and,
+   when known, one value per completion token (aligned with ``input_ids[completion_start:]``) and the
+   reference's top-k distribution. They come from the reference model (``dpo-zoo prep``) or from a
+   file the user brings (:mod:`data_prep.reference_logps`), and are stored in a prepared set, whose
+   format (columns, manifest) is :mod:`dpo_zoo.cache_format`.
 """
 
 from __future__ import annotations
@@ -21,33 +23,6 @@ from typing import Any, Dict, List, Optional, Union
 
 Message = Dict[str, str]
 Text = Union[str, List[Message]]
-
-SCHEMA_VERSION = 1
-
-# --- columns of a prepared set -------------------------------------------------------------------
-ID = "id"
-PROMPT_TEXT = "prompt"  # the prompt as JSON text (string or message list), for reports
-CHOSEN_TEXT = "chosen"
-REJECTED_TEXT = "rejected"
-CHOSEN_INPUT_IDS = "chosen_input_ids"  # list<int32>: prompt + chosen completion
-REJECTED_INPUT_IDS = "rejected_input_ids"
-CHOSEN_COMPLETION_START = "chosen_completion_start"  # int32
-REJECTED_COMPLETION_START = "rejected_completion_start"
-IS_TIE = "is_tie"  # bool
-WEIGHT = "weight"  # float32
-SOFT_LABEL = "soft_label"  # float32, null when the data has none: P(chosen preferred)
-REF_CHOSEN_TOKEN_LOGPS = "ref_chosen_token_logps"  # list<float32>, one per completion token
-REF_REJECTED_TOKEN_LOGPS = "ref_rejected_token_logps"
-REF_CHOSEN_LOGPS = "ref_chosen_logps"  # float64: the sum of the per-token values
-REF_REJECTED_LOGPS = "ref_rejected_logps"
-REF_CHOSEN_TOPK_IDS = "ref_chosen_topk_ids"  # list<list<int32>> [T, k]   (only with prep.topk > 0)
-REF_CHOSEN_TOPK_LOGPS = "ref_chosen_topk_logps"  # list<list<float32>> [T, k]
-REF_CHOSEN_REST_LOGMASS = "ref_chosen_rest_logmass"  # list<float32> [T]: log(1 − Σ_topk p)
-REF_REJECTED_TOPK_IDS = "ref_rejected_topk_ids"
-REF_REJECTED_TOPK_LOGPS = "ref_rejected_topk_logps"
-REF_REJECTED_REST_LOGMASS = "ref_rejected_rest_logmass"
-BEHAVIOR_CHOSEN_LOGPS = "behavior_chosen_logps"  # float64, optional (IS-DAA's π_b)
-BEHAVIOR_REJECTED_LOGPS = "behavior_rejected_logps"
 
 
 @dataclass
@@ -77,3 +52,23 @@ class TokenizedPair:
     chosen_completion_start: int
     rejected_input_ids: List[int]
     rejected_completion_start: int
+
+
+@dataclass
+class SideReference:
+    """Reference values of one completion: ``logps`` (the sum) and, when known, ``token_logps`` [T]
+    and the top-k distribution (``topk_ids`` / ``topk_logps`` [T, k], ``rest_logmass`` [T])."""
+
+    logps: float
+    token_logps: Optional[Any] = None  # numpy [T]
+    topk_ids: Optional[Any] = None  # numpy [T, k]
+    topk_logps: Optional[Any] = None  # numpy [T, k]
+    rest_logmass: Optional[Any] = None  # numpy [T]
+
+
+@dataclass
+class PairReference:
+    """Reference values of a pair, both sides."""
+
+    chosen: SideReference
+    rejected: SideReference

@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 from .drops import (
     EMPTY_COMPLETION,

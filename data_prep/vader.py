@@ -67,7 +67,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from dpo_zoo.errors import DataError
+from .errors import DataError
 
 from .drops import BAD_VALUE, DUPLICATE_ID, MALFORMED_LINE, UNDECODABLE, UNMATCHED_SNIPPET, DropReport, RowPolicy
 from .normalize import heldout_by_hash

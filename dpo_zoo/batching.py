@@ -16,8 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from data_prep import schema as S
-
+from . import cache_format as S
 from .logps import CompletionLogps, completion_logps
 from .losses import Loss, Need, PairBatch
 

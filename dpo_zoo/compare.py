@@ -30,22 +30,11 @@ the whole reference vocabulary, not its top-k) is skipped with its own message.
 not store, or the set's reference weights are not the run's base model: then the reference runs live
 from the base model (loaded once per base, no gradients), and the report says why.
 
-**Drift.** ``compare.kl_prompts`` held-out prompts (evenly spaced through the set, so every source of a
-mixed set is represented) × ``compare.kl_samples`` completions of at most
-``compare.kl_max_new_tokens`` tokens are sampled from the policy at temperature 1 (no top-k/top-p;
-a seeded generator, ``train.seed``), stopping at the EOS token. On each sample, with the base model as
-reference: the Monte Carlo estimate ``Σ_t log π(y_t|y_<t) − log π_ref(y_t|y_<t)``, the Rao–Blackwellized
-estimate ``Σ_t KL(π(·|y_<t) ‖ π_ref(·|y_<t))`` (exact over the vocabulary at each sampled prefix; Amini,
-Vieira & Cotterell, *Better Estimation of the Kullback–Leibler Divergence Between Language Models*,
-NeurIPS 2025, arXiv:2504.10637) and the policy's entropy ``Σ_t H(π(·|y_<t))``. Both estimators are
-unbiased for the KL between the two models' distributions over completions truncated at EOS or the
-token limit (the same stopping rule applies to both models); the RB one has variance ≤ MC's and is never
-negative. Each is reported with its standard error ``std/√n`` over the samples.
+**Drift.** Sampled completions scored under the policy and its base model (:mod:`dpo_zoo.drift`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -56,22 +45,26 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from data_prep import schema as S
-
+from . import cache_format as S
 from .batching import collate, loss_wants, pair_batch
-from .config import as_dict, loss_hparams
-from .errors import CacheError, UserError
-from .logps import completion_logps
-from .losses import Loss, LossInputError, Need, build_loss, get_loss_entry, load_loss_plugin, registered_losses
+from .config import as_dict
+from .compare_subjects import (  # noqa: F401
+    BaseModels,
+    Subject,
+    _has_tokenizer,
+    check_tokenizer,
+    load_policy,
+    open_subject,
+    parse_loss_list,
+    _unique_labels,
+)
+from .errors import CacheError, CompareError
+from .losses import Loss, LossInputError, Need, build_loss, get_loss_entry, registered_losses
+from .drift import kl_prompt_ids, kl_samples, summarize_kl
+from .compare_report import INPUTS_FILE, compare_inputs, report_is_current
 from .metrics import functions as M
 
-RUN_FILE = "run.json"
-FINAL_DIR = "final"
 LOGPS_NEEDS = (Need.SEQUENCE_LOGPS, Need.TOKEN_LOGPS, Need.VOCAB_LOGPS)
-
-
-class CompareError(UserError, ValueError):
-    """A subject and the held-out set cannot be compared (names the folder, the file and the field)."""
 
 
 # ==================================================================== the held-out set
@@ -90,206 +83,6 @@ def open_heldout(data: str):
         f"--data {data}: no prepared set there (no {MANIFEST} in {path} or {path / 'heldout'}); "
         "run `dpo-zoo prep` first and pass its `<prep.output_dir>/heldout`"
     )
-
-
-# ==================================================================== subjects
-
-
-@dataclass
-class Subject:
-    """One policy to score, and where its pieces come from."""
-
-    label: str
-    path: Path  # what the user named
-    weights_dir: Path  # final/ of a run, or the model folder
-    base_model: Path  # the reference for drift, and for a live reference
-    adapter: bool  # weights_dir holds a PEFT adapter on top of base_model
-    losses: List[Tuple[str, Dict[str, Any]]]  # (registered name, hyperparameters): one entry each
-    tokenizer_hash: str
-    tokenizer_source: str  # where tokenizer_hash was read, for messages
-    run_record: Optional[Dict[str, Any]] = None
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    from .models import TOKENIZER_FILES
-
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
-
-
-def parse_loss_list(losses: Optional[str]) -> Optional[List[str]]:
-    """``None`` (each run's own loss), ``"all"`` (every registered name) or a comma list (checked)."""
-    if losses is None:
-        return None
-    if losses.strip() == "all":
-        return sorted(registered_losses())
-    names = [name.strip() for name in losses.split(",") if name.strip()]
-    if not names:
-        raise CompareError("--losses: give 'all' or a comma-separated list of registered loss names")
-    for name in names:
-        get_loss_entry(name)  # a LossConfigError naming the unknown loss and the registered ones
-    return names
-
-
-def open_subject(path: str, cfg, loss_names: Optional[List[str]]) -> Subject:
-    """Read a run folder (``run.json`` + ``final/``), a model folder or a Hub model name (``org/name``,
-    fetched at ``model.revision`` when it is ``model.name_or_path``, else at ``main``) into a
-    :class:`Subject`."""
-    from .models import DEFAULT_REVISION, is_hub_repo_id, resolve_hub_model, resolve_model_path, tokenizer_fingerprint
-
-    folder = Path(path)
-    label = folder.name
-    if not folder.exists() and is_hub_repo_id(str(path)):
-        same = str(path) == str(cfg.model.name_or_path)
-        folder = resolve_hub_model(str(path), str(cfg.model.revision) if same else DEFAULT_REVISION).path
-        label = str(path)
-    if folder.name == FINAL_DIR and (folder.parent / RUN_FILE).is_file():
-        folder = folder.parent  # `runs/dpo/final` names the run `runs/dpo`
-    if (folder / RUN_FILE).is_file():
-        try:
-            record = json.loads((folder / RUN_FILE).read_text())
-        except ValueError as err:
-            raise CompareError(f"{folder / RUN_FILE}: not valid JSON ({err})") from None
-        for key in ("loss", "loss_hparams", "base_model"):
-            if key not in record:
-                raise CompareError(f"{folder / RUN_FILE}: missing field `{key}` (was it written by `dpo-zoo train`?)")
-        weights_dir = folder / FINAL_DIR
-        if not weights_dir.is_dir():
-            raise CompareError(f"run folder {folder} has no {FINAL_DIR}/: the run did not finish")
-        plugin = (record.get("config") or {}).get("loss", {}).get("plugin")
-        if plugin:
-            load_loss_plugin(str(plugin))
-        base = _run_base_model(folder / RUN_FILE, record)
-        token_hash = (record.get("cache_key") or {}).get("tokenizer")
-        source = f"{folder / RUN_FILE} `cache_key.tokenizer`"
-        if not token_hash:
-            token_hash, source = tokenizer_fingerprint(base), f"the base model's tokenizer ({base})"
-        own = [(str(record["loss"]), dict(record["loss_hparams"]))]
-        adapter = bool(record.get("lora")) or (weights_dir / "adapter_config.json").is_file()
-        return Subject(label=folder.name, path=folder, weights_dir=weights_dir, base_model=base, adapter=adapter,
-                       losses=_entry_losses(own, loss_names), tokenizer_hash=token_hash, tokenizer_source=source,
-                       run_record=record)
-
-    if (folder / "adapter_config.json").is_file():
-        try:
-            adapter_config = json.loads((folder / "adapter_config.json").read_text())
-        except ValueError as err:
-            raise CompareError(f"{folder / 'adapter_config.json'}: not valid JSON ({err})") from None
-        base = _adapter_base_model(folder / "adapter_config.json", adapter_config)
-        adapter = True
-    elif (folder / "config.json").is_file():
-        base, adapter = resolve_model_path(cfg.model), False
-    else:
-        raise CompareError(
-            f"{folder}: neither a run folder ({RUN_FILE} + {FINAL_DIR}/) nor a model folder (config.json or "
-            "adapter_config.json)"
-        )
-    tokenizer_dir = folder if _has_tokenizer(folder) else base
-    name, hparams = loss_hparams(cfg)
-    return Subject(label=label, path=folder, weights_dir=folder, base_model=Path(base), adapter=adapter,
-                   losses=_entry_losses([(name, hparams)], loss_names),
-                   tokenizer_hash=tokenizer_fingerprint(tokenizer_dir),
-                   tokenizer_source=f"the tokenizer files in {tokenizer_dir}")
-
-
-def _run_base_model(run_file: Path, record: Dict[str, Any]) -> Path:
-    """The base model of a run: the folder ``run.json`` names, or, where that folder is not on this
-    machine and the base came from the Hub, the same commit fetched again (from the Hugging Face cache
-    when it is there)."""
-    from .models import resolve_hub_model
-
-    base = Path(record["base_model"])
-    if base.is_dir():
-        return base
-    source = record.get("base_model_source") or {}
-    if source.get("commit"):
-        return resolve_hub_model(str(source["name_or_path"]), str(source["commit"])).path
-    raise CompareError(f"{run_file}: `base_model` {base} is not a folder on this machine")
-
-
-def _adapter_base_model(config_file: Path, adapter_config: Dict[str, Any]) -> Path:
-    """The base of a PEFT adapter folder: ``base_model_name_or_path`` as a local folder, else as a Hub
-    repo at the adapter's ``revision`` (``main`` when it records none)."""
-    from .models import DEFAULT_REVISION, is_hub_repo_id, resolve_hub_model
-
-    name = str(adapter_config.get("base_model_name_or_path") or "")
-    if name and Path(name).is_dir():
-        return Path(name)
-    if is_hub_repo_id(name):
-        return resolve_hub_model(name, str(adapter_config.get("revision") or DEFAULT_REVISION)).path
-    raise CompareError(
-        f"{config_file}: `base_model_name_or_path` {name!r} is neither a local model folder nor a Hugging Face "
-        "Hub name (org/name)"
-    )
-
-
-def _entry_losses(own, loss_names):
-    return own if loss_names is None else [(name, {}) for name in loss_names]
-
-
-def check_tokenizer(subject: Subject, heldout) -> None:
-    """Token ids mean nothing under another tokenizer: refuse, naming both sides and the fix."""
-    expected = heldout.key.get("tokenizer")
-    if expected and expected != subject.tokenizer_hash:
-        raise CompareError(
-            f"{subject.path} and the held-out set at {heldout.path} use different tokenizers: "
-            f"{subject.tokenizer_hash[:12]}… (from {subject.tokenizer_source}) vs {str(expected)[:12]}… "
-            f"({heldout.path / 'manifest.json'} `key.tokenizer`). Prepare the held-out data with this model "
-            f"(model.name_or_path={subject.base_model}) and compare on that"
-        )
-
-
-def _unique_labels(subjects: Sequence[Subject]) -> None:
-    """Folder names, made unique with their parent folder (then a counter) when two collide."""
-    names = [s.label for s in subjects]
-    for subject in subjects:
-        if names.count(subject.label) > 1:
-            subject.label = f"{subject.path.parent.name}/{subject.path.name}"
-    seen: Dict[str, int] = {}
-    for subject in subjects:
-        seen[subject.label] = seen.get(subject.label, 0) + 1
-        if seen[subject.label] > 1:
-            subject.label = f"{subject.label}#{seen[subject.label]}"
-
-
-# ==================================================================== models
-
-
-def load_policy(subject: Subject, cfg, device: torch.device):
-    """The subject's policy in eval mode, no gradients: full weights, or base + PEFT adapter.
-
-    Safetensors only (a folder with pickled weights only is refused by :func:`check_safetensors_folder`),
-    and a folder's own Python code runs only with ``model.trust_remote_code=true``.
-    """
-    from .models import check_safetensors_folder, load_model
-
-    remote = bool(cfg.model.trust_remote_code)
-    check_safetensors_folder(subject.weights_dir)
-    if subject.adapter:
-        from peft import PeftModel
-
-        if not (subject.weights_dir / "adapter_model.safetensors").is_file():
-            raise CompareError(f"{subject.weights_dir}: a PEFT adapter folder without adapter_model.safetensors")
-        base = load_model(subject.base_model, dtype="float32", trust_remote_code=remote)
-        model = PeftModel.from_pretrained(base, str(subject.weights_dir), is_trainable=False)
-    else:
-        model = load_model(subject.weights_dir, dtype="float32", trust_remote_code=remote)
-    return model.to(device).eval().requires_grad_(False)
-
-
-class BaseModels:
-    """Base (reference) models, each loaded once however many subjects share it."""
-
-    def __init__(self, cfg, device: torch.device):
-        self.cfg, self.device, self._models = cfg, device, {}
-
-    def get(self, path: Path):
-        from .models import load_model
-
-        key = str(Path(path).resolve())
-        if key not in self._models:
-            model = load_model(path, dtype="float32", trust_remote_code=bool(self.cfg.model.trust_remote_code))
-            self._models[key] = model.to(self.device).eval().requires_grad_(False)
-        return self._models[key]
 
 
 # ==================================================================== which losses, which reference
@@ -447,141 +240,6 @@ def score_pairs(policy, losses: Dict[str, Loss], heldout, *, pad_id: int, batch_
     return ScoredPass(columns=columns_np, outputs=outputs_np, skipped=skipped, forward_seconds=forward_seconds)
 
 
-# ==================================================================== drift from the reference
-
-
-def kl_prompt_ids(heldout, n_prompts: int) -> List[List[int]]:
-    """Prompt token ids of ``n_prompts`` held-out pairs spread evenly through the set (all when fewer)."""
-    n = len(heldout)
-    if n == 0 or n_prompts == 0:
-        return []
-    indices = sorted(set(np.linspace(0, n - 1, num=min(n_prompts, n)).round().astype(int).tolist()))
-    rows = heldout.rows(indices, columns=[S.CHOSEN_INPUT_IDS, S.CHOSEN_COMPLETION_START])
-    return [list(r[S.CHOSEN_INPUT_IDS][: r[S.CHOSEN_COMPLETION_START]]) for r in rows]
-
-
-@torch.no_grad()
-def sample_completions(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: Optional[int],
-                       pad_token_id: int, generator: torch.Generator, device: torch.device) -> List[List[int]]:
-    """One completion per prompt, sampled from ``model`` at temperature 1 (the plain softmax: no top-k,
-    top-p or penalties), ending at the first EOS (kept) or after ``max_new_tokens`` tokens.
-
-    Prompts of a batch are left-padded and decoded together with the key/value cache; positions count
-    from each prompt's first real token, so padding changes no value.
-    """
-    if not prompts or max_new_tokens <= 0:
-        return [[] for _ in prompts]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention[i, width - len(prompt):] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    steps: List[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        probs = torch.softmax(logits.float(), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        steps.append(token.masked_fill(finished, -1))  # -1 marks "already ended"
-        if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    tokens = torch.stack(steps, dim=1).cpu().tolist()
-    return [[t for t in row if t >= 0] for row in tokens]
-
-
-def sequence_kl_terms(policy_vocab_logps: torch.Tensor, reference_vocab_logps: torch.Tensor,
-                      labels: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-sample KL estimates and entropy from per-position log-distributions ``[N,T,V]``.
-
-    With ``p_t = π(·|y_<t)`` and ``q_t = π_ref(·|y_<t)`` at the sampled prefixes:
-
-    * ``mc``  = ``Σ_t log p_t(y_t) − log q_t(y_t)`` (the plain Monte Carlo estimator of KL(π‖π_ref));
-    * ``rb``  = ``Σ_t Σ_v p_t(v) (log p_t(v) − log q_t(v))`` (Rao–Blackwellized, arXiv:2504.10637:
-      the conditional expectation of the MC term at each position given the prefix);
-    * ``entropy`` = ``Σ_t −Σ_v p_t(v) log p_t(v)``; ``tokens`` = the number of positions.
-
-    Entries with ``p_t(v) = 0`` contribute 0 (``0 · log 0 = 0``), never NaN.
-    """
-    mask_f = mask.to(policy_vocab_logps.dtype)
-    p = policy_vocab_logps.exp()
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    kl_terms = torch.where(p > 0, p * (policy_vocab_logps - reference_vocab_logps), zero).sum(-1)
-    entropy_terms = torch.where(p > 0, -p * policy_vocab_logps, zero).sum(-1)
-    index = labels.clamp(min=0).unsqueeze(-1)
-    log_ratio = (policy_vocab_logps.gather(-1, index) - reference_vocab_logps.gather(-1, index)).squeeze(-1)
-    return {
-        "mc": (log_ratio * mask_f).sum(-1),
-        "rb": (kl_terms * mask_f).sum(-1),
-        "entropy": (entropy_terms * mask_f).sum(-1),
-        "tokens": mask_f.sum(-1),
-    }
-
-
-def kl_samples(policy, reference, prompts: Sequence[Sequence[int]], *, n_samples: int, max_new_tokens: int,
-               eos_token_id: Optional[int], pad_token_id: int, batch_size: int, seed: int, device: torch.device,
-               progress: bool = True, desc: str = "kl") -> Dict[str, Any]:
-    """Sample ``n_samples`` completions per prompt from ``policy`` and score each under both models.
-
-    Returns per-sample arrays ``mc``, ``rb``, ``entropy``, ``tokens`` and the ``completions`` (token ids),
-    prompt-major. The log-probs of the samples come from :func:`dpo_zoo.logps.completion_logps` on
-    ``prompt + completion`` (the shared code path), not from the sampling loop.
-    """
-    from tqdm.auto import tqdm
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    rows = [list(p) for p in prompts for _ in range(n_samples)]
-    result: Dict[str, List] = {"mc": [], "rb": [], "entropy": [], "tokens": [], "completions": []}
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=not progress):
-        chunk = rows[start:start + batch_size]
-        completions = sample_completions(policy, chunk, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                         pad_token_id=pad_token_id, generator=generator, device=device)
-        sequences = [p + c for p, c in zip(chunk, completions)]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, sequence in enumerate(sequences):
-            input_ids[i, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-            attention[i, : len(sequence)] = 1
-        starts = torch.tensor([len(p) for p in chunk], dtype=torch.long)
-        input_ids, attention, starts = input_ids.to(device), attention.to(device), starts.to(device)
-        with torch.no_grad():
-            mine = completion_logps(policy, input_ids, attention, starts, vocab=True)
-            theirs = completion_logps(reference, input_ids, attention, starts, vocab=True)
-        terms = sequence_kl_terms(mine.vocab_logps, theirs.vocab_logps, mine.labels, mine.mask)
-        for name, value in terms.items():
-            result[name].append(_as_numpy(value))
-        result["completions"].extend(completions)
-    out: Dict[str, Any] = {name: np.concatenate(result[name]) if result[name] else np.zeros(0)
-                           for name in ("mc", "rb", "entropy", "tokens")}
-    out["completions"] = result["completions"]
-    return out
-
-
-def summarize_kl(samples: Dict[str, Any]) -> Dict[str, Any]:
-    """Means with standard errors of the per-sample estimates, and the mean entropy per token."""
-    mc, rb = M.mean_and_stderr(samples["mc"]), M.mean_and_stderr(samples["rb"])
-    tokens = float(np.sum(samples["tokens"]))
-    return {
-        "mc": mc["mean"], "mc_stderr": mc["stderr"],
-        "rb": rb["mean"], "rb_stderr": rb["stderr"],
-        "entropy_per_token": float(np.sum(samples["entropy"]) / tokens) if tokens else math.nan,
-        "mean_length": float(np.mean(samples["tokens"])) if len(samples["tokens"]) else math.nan,
-        "n_samples": mc["n"],
-    }
-
-
 # ==================================================================== metrics of one entry
 
 
@@ -723,58 +381,6 @@ def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = Non
     print(markdown)
     print(f"[dpo-zoo compare] wrote {out_dir}: summary.md, summary.json, pairs.csv, pairs.parquet, report.html")
     return M.json_ready(summary)
-
-
-# Written last, once every report file is complete: what the report was computed from.
-INPUTS_FILE = "inputs.json"
-REPORT_FILES = ("summary.md", "summary.json", "pairs.csv", "pairs.parquet", "report.html")
-# Settings that do not change any number of the report.
-REPORT_ONLY_SETTINGS = ("output_dir", "progress", "overwrite")
-
-
-def _file_stats(folder: Path, skip: Sequence[str] = ()) -> List[Tuple[str, int, int]]:
-    """(relative path, size, mtime in ns) of every file under ``folder``: changes when any file is rewritten."""
-    out = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_file() and not (relative.parts and relative.parts[0] in skip):
-            stat = path.stat()
-            out.append((str(relative), stat.st_size, stat.st_mtime_ns))
-    return out
-
-
-def compare_inputs(cfg, subjects: Sequence[Subject], heldout, loss_names: Optional[List[str]]) -> Dict[str, Any]:
-    """Everything a comparison's numbers depend on: each subject's weights and record (files by size and
-    modification time) and its base model, the held-out set's manifest, the loss list, the settings
-    (less :data:`REPORT_ONLY_SETTINGS`) and the dpo_zoo version."""
-    from . import __version__
-
-    config = json.loads(json.dumps(as_dict(cfg), default=str))
-    for key in REPORT_ONLY_SETTINGS:
-        config["compare"].pop(key, None)
-    return {
-        "version": __version__,
-        "subjects": [
-            {"path": str(s.path.resolve()), "weights": _file_stats(s.weights_dir),
-             "run_record": s.run_record, "base_model": str(s.base_model), "base_files": _file_stats(s.base_model)}
-            for s in subjects
-        ],
-        "heldout": {"path": str(Path(heldout.path).resolve()), "manifest": heldout.manifest},
-        "losses": loss_names,
-        "config": config,
-    }
-
-
-def report_is_current(out_dir: Path, inputs: Dict[str, Any]) -> bool:
-    """Whether ``out_dir`` holds a complete report computed from exactly ``inputs``."""
-    marker = out_dir / INPUTS_FILE
-    if not marker.is_file() or not all((out_dir / name).is_file() for name in REPORT_FILES):
-        return False
-    try:
-        stored = json.loads(marker.read_text(encoding="utf-8"))
-    except ValueError:
-        return False
-    return stored == json.loads(json.dumps(inputs, default=str))
 
 
 def score_subject(subject: Subject, cfg, heldout, *, listed: bool, several: bool, bases: BaseModels,

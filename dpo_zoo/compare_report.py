@@ -1,5 +1,7 @@
 """The files of a ``dpo-zoo compare`` report: ``summary.md``, ``summary.json``, ``pairs.csv``,
-``pairs.parquet`` and a self-contained ``report.html`` (plots as base64 PNG, no external resources).
+``pairs.parquet`` and a self-contained ``report.html`` (plots as base64 PNG, no external resources),
+and ``inputs.json`` (written last: what the report was computed from, so an unchanged comparison is
+reused).
 
 Plots are drawn on bare :class:`matplotlib.figure.Figure` objects with the Agg canvas, never through
 ``pyplot``, so writing a report neither needs a display nor changes the caller's matplotlib backend.
@@ -13,11 +15,12 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .metrics import functions as M
+from .staleness import differences
 
 MISSING = "—"
 
@@ -356,3 +359,59 @@ def write_outputs(summary: Dict[str, Any], tables: Sequence[Dict[str, np.ndarray
     frame.to_parquet(out_dir / "pairs.parquet", index=False)
     (out_dir / "report.html").write_text(render_html(summary, tables), encoding="utf-8")
     return markdown
+
+
+# ==================================================================== is the report current?
+
+
+# Written last, once every report file is complete: what the report was computed from.
+INPUTS_FILE = "inputs.json"
+REPORT_FILES = ("summary.md", "summary.json", "pairs.csv", "pairs.parquet", "report.html")
+# Settings that do not change any number of the report.
+REPORT_ONLY_SETTINGS = ("output_dir", "progress", "overwrite")
+
+
+def _file_stats(folder: Path, skip: Sequence[str] = ()) -> List[Tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of every file under ``folder``: changes when any file is rewritten."""
+    out = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not (relative.parts and relative.parts[0] in skip):
+            stat = path.stat()
+            out.append((str(relative), stat.st_size, stat.st_mtime_ns))
+    return out
+
+
+def compare_inputs(cfg, subjects: Sequence[Any], heldout, loss_names: Optional[List[str]]) -> Dict[str, Any]:
+    """Everything a comparison's numbers depend on: each subject's weights and record (files by size and
+    modification time) and its base model, the held-out set's manifest, the loss list, the settings
+    (less :data:`REPORT_ONLY_SETTINGS`) and the dpo_zoo version."""
+    from . import __version__
+    from .config import as_dict
+
+    config = json.loads(json.dumps(as_dict(cfg), default=str))
+    for key in REPORT_ONLY_SETTINGS:
+        config["compare"].pop(key, None)
+    return {
+        "version": __version__,
+        "subjects": [
+            {"path": str(s.path.resolve()), "weights": _file_stats(s.weights_dir),
+             "run_record": s.run_record, "base_model": str(s.base_model), "base_files": _file_stats(s.base_model)}
+            for s in subjects
+        ],
+        "heldout": {"path": str(Path(heldout.path).resolve()), "manifest": heldout.manifest},
+        "losses": loss_names,
+        "config": config,
+    }
+
+
+def report_is_current(out_dir: Path, inputs: Dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds a complete report computed from exactly ``inputs``."""
+    marker = out_dir / INPUTS_FILE
+    if not marker.is_file() or not all((out_dir / name).is_file() for name in REPORT_FILES):
+        return False
+    try:
+        stored = json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return not differences(stored, json.loads(json.dumps(inputs, default=str)), depth=0)

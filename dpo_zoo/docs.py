@@ -185,13 +185,12 @@ def metrics_markdown() -> str:
 
 
 def cache_markdown() -> str:
-    from . import cache
-    from data_prep import schema
+    from . import cache_format as schema
 
-    lines = ["# The prepared set (reference cache)", "", GENERATED, "", cache.__doc__.strip(), "",
+    lines = ["# The prepared set (reference cache)", "", GENERATED, "", schema.__doc__.strip(), "",
              "## Columns", "", "| constant | column |", "|---|---|"]
     lines += [f"| `{name}` | `{value}` |" for name, value in vars(schema).items()
-              if name.isupper() and isinstance(value, str) and name != "SCHEMA_VERSION"]
+              if name.isupper() and isinstance(value, str) and name not in ("FORMAT", "MANIFEST")]
     lines += ["", f"Schema version: {schema.SCHEMA_VERSION}."]
     return "\n".join(lines) + "\n"
 

@@ -2,17 +2,17 @@
 
 Each carries everything needed to act on it: the file, row and field for data; the key for config;
 the differing field for a cache miss; the step and batch for a non-finite loss.
+
+This module imports nothing of dpo_zoo (and nothing heavy): every other module may import it. Bad
+input data is :class:`data_prep.errors.DataError` (data_prep is the layer below and cannot import
+dpo_zoo); it is re-exported here.
 """
 
-from .losses.base import LossConfigError, LossInputError
+from data_prep.errors import DataError
 
 
 class UserError(Exception):
     """Base of errors whose message is the whole story."""
-
-
-class DataError(UserError, ValueError):
-    """Bad input data: the message names file, row and field."""
 
 
 class CacheError(UserError):
@@ -27,5 +27,20 @@ class TrainingError(UserError):
     """Training cannot go on: a non-finite loss or gradient (with step and batch), a failed preflight."""
 
 
-# Loss configuration and input errors are the user's to fix too; the CLI prints them plainly.
-USER_ERRORS = (UserError, LossConfigError, LossInputError)
+class CompareError(UserError, ValueError):
+    """A subject and the held-out set cannot be compared (names the folder, the file and the field)."""
+
+
+class LossInputError(UserError, ValueError):
+    """A tensor a loss needs is missing or malformed; the message names it."""
+
+
+class LossConfigError(UserError, ValueError):
+    """A hyperparameter is unknown or out of range; the message names it."""
+
+
+# What the CLI prints plainly: every error above, and bad data.
+USER_ERRORS = (UserError, DataError)
+
+__all__ = ["CacheError", "CompareError", "DataError", "LossConfigError", "LossInputError", "ModelError", "TrainingError",
+           "USER_ERRORS", "UserError"]

@@ -36,28 +36,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from data_prep import schema as S
+from data_prep.reference_logps import read_reference_file, references_from_file
+from data_prep.schema import PairReference, PreferencePair, SideReference, TokenizedPair
 
-from .cache import (
-    Layout,
-    PairReference,
-    PreparedSetWriter,
-    SideReference,
-    build_shard_table,
-    describe_key_diff,
-    digest,
-    lookup,
-    pairs_fingerprint,
-    plan_shards,
-    read_manifest,
-    read_reference_file,
-    references_from_file,
-    shard_token_counts,
-    verify_prepared_set,
-)
+from . import cache_format as S
+from .cache import lookup, read_manifest, verify_prepared_set
+from .cache_format import Layout, digest
+from .cache_writer import PreparedSetWriter, build_shard_table, pairs_fingerprint, plan_shards, shard_token_counts
 from .errors import CacheError, DataError
 from .logps import completion_logps
 from .models import ResolvedModel, cache_root, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
+from .staleness import describe
 
 SPLITS = ("train", "heldout")
 
@@ -141,7 +130,7 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def plan_batches(rows: Sequence[S.TokenizedPair], batch_size: int, pad_id: int) -> List[Batch]:
+def plan_batches(rows: Sequence[TokenizedPair], batch_size: int, pad_id: int) -> List[Batch]:
     """Length-grouped batches of ``2 × batch_size`` sequences over the chosen and rejected sides of
     ``rows``, longest first (so a batch too big for memory fails at once, not at the end)."""
     sequences = []
@@ -171,7 +160,7 @@ def plan_batches(rows: Sequence[S.TokenizedPair], batch_size: int, pad_id: int) 
 
 def reference_pass(
     model: torch.nn.Module,
-    rows: Sequence[S.TokenizedPair],
+    rows: Sequence[TokenizedPair],
     *,
     batch_size: int,
     topk: int,
@@ -215,7 +204,7 @@ def reference_pass(
 # ==================================================================== keys
 
 
-def chat_template_key(setting: str, tokenizer: Any, pairs: Sequence[S.PreferencePair]) -> Tuple[str, Optional[str]]:
+def chat_template_key(setting: str, tokenizer: Any, pairs: Sequence[PreferencePair]) -> Tuple[str, Optional[str]]:
     """(the ``prep.chat_template`` setting as keyed, sha256 of the template actually applied or None).
 
     ``auto`` applies the tokenizer's template to conversational data only; ``none`` never applies
@@ -230,7 +219,7 @@ def chat_template_key(setting: str, tokenizer: Any, pairs: Sequence[S.Preference
     return "custom", digest(setting)
 
 
-def cache_key(cfg: Any, *, split: str, pairs: Sequence[S.PreferencePair], tokenizer: Any, tokenizer_hash: str,
+def cache_key(cfg: Any, *, split: str, pairs: Sequence[PreferencePair], tokenizer: Any, tokenizer_hash: str,
               reference: Dict[str, Any], data_source: Optional[Dict[str, Any]] = None,
               model_commit: Optional[str] = None) -> Dict[str, Any]:
     """The whole key of one split's prepared set: every setting its stored values depend on.
@@ -381,7 +370,7 @@ def _reward_sampler(cfg: Any, model_path: Path, tokenizer: Any):
                           dtype=str(cfg.prep.dtype), progress=bool(cfg.prep.progress))
 
 
-def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[S.TokenizedPair]]:
+def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[TokenizedPair]]:
     import data_prep
 
     out = {}
@@ -402,7 +391,7 @@ def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[S.TokenizedPair]]:
     return out
 
 
-def _check_rows(rows: Sequence[S.TokenizedPair], split: str) -> None:
+def _check_rows(rows: Sequence[TokenizedPair], split: str) -> None:
     """What the reference pass relies on: unique ids, and on each side at least one prompt token (the
     first token has no context to be scored from) and at least one completion token."""
     seen: Dict[str, int] = {}
@@ -463,7 +452,7 @@ def _run_prep(cfg: Any, processes: Processes) -> Dict[str, Path]:
     return paths
 
 
-def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, rows: List[S.TokenizedPair],
+def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, rows: List[TokenizedPair],
                  path: Path, model: Any) -> Any:
     """Compute this rank's unfinished shards of one split; rank 0 then writes the manifest.
     Returns the reference model (loaded on first need, reused for the next split)."""
@@ -584,7 +573,7 @@ def verify_prepared(cfg: Any) -> int:
             print(f"[verify] key: not compared with the config ({type(err).__name__}: {err})")
         else:
             for split, manifest in manifests.items():
-                differences = describe_key_diff(manifest["key"], context.keys[split])
+                differences = describe(manifest["key"], context.keys[split])
                 if differences:
                     failed = True
                     print(f"[verify] {split}: key differs from the config: {'; '.join(differences)}")

@@ -1,6 +1,7 @@
 """One pairwise trainer for every registered loss, on a DeepSpeed engine.
 
-Reads top to bottom: set up the run → open the prepared sets (the reference cache) → load the policy
+Reads top to bottom (the engine itself is :mod:`dpo_zoo.engine`, the run folder's files
+:mod:`dpo_zoo.run_folder`): set up the run → open the prepared sets (the reference cache) → load the policy
 (full fine-tuning or LoRA) → preflight → reference (cache, or live when asked or needed) → DeepSpeed
 engine → resume → loop (forward, loss, finite checks, backward, step, log, evaluate, checkpoint) → save.
 
@@ -33,12 +34,21 @@ import torch
 
 from .batching import Collated, cache_reference_fields, collate, columns_to_read, loss_wants, pair_batch
 from .config import as_dict, loss_hparams, save_resolved
+from .engine import build_engine
 from .errors import CacheError, TrainingError
 from .losses import Loss, LossOutput, Need, build_loss
-
-RUN_FILE = "run.json"
-FINAL_DIR = "final"
-CHECKPOINT_DIR = "checkpoints"
+from .run_folder import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    FINAL_DIR,
+    LOGS_FILE,
+    RUN_FILE,
+    TENSORBOARD_DIR,
+    finished_run_changes,
+    identity_changes,
+    training_identity,
+    write_run_record,
+)
 
 # ==================================================================== setup
 
@@ -112,12 +122,12 @@ def setup_run(cfg) -> Run:
     run = Run(rank=rank, world_size=world, local_rank=local_rank, device=device, output_dir=output_dir)
     if run.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, output_dir / "config.yaml")
-        run.log_file = open(output_dir / "logs.jsonl", "a", encoding="utf-8")
+        save_resolved(cfg, output_dir / CONFIG_FILE)
+        run.log_file = open(output_dir / LOGS_FILE, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            run.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            run.tensorboard = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
         except ImportError:  # tensorboard is an install requirement; tolerate its absence anyway
             run.tensorboard = None
     torch.manual_seed(cfg.train.seed)
@@ -288,100 +298,6 @@ def build_reference(cfg, policy, model_path: Path, reference_mode: str, run: Run
     return reference, None
 
 
-# ==================================================================== the DeepSpeed engine
-
-
-def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:
-    t = cfg.train
-    ds: Dict[str, Any] = {}
-    if t.deepspeed.config_file:
-        ds = json.loads(Path(t.deepspeed.config_file).read_text())
-    ds.update(
-        train_micro_batch_size_per_gpu=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        train_batch_size=t.micro_batch_size * t.gradient_accumulation_steps * world_size,
-        gradient_clipping=t.max_grad_norm,
-        steps_per_print=10**9,
-        wall_clock_breakdown=False,
-    )
-    zero = dict(ds.get("zero_optimization", {}))
-    if t.deepspeed.zero_stage is not None or "stage" not in zero:
-        zero["stage"] = t.deepspeed.zero_stage or 0
-    if t.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if t.deepspeed.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    ds["zero_optimization"] = zero
-    ds["bf16"] = {"enabled": t.precision == "bfloat16"}
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    if "offload_optimizer" in zero:
-        # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam, built from this section.
-        ds.setdefault("optimizer", {
-            "type": "AdamW",
-            "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
-        })
-    return ds
-
-
-class LinearWarmupSchedule:
-    """LR factor: linear warm-up over ``warmup_steps``, then constant, linear or cosine decay to 0 at
-    ``max_steps``. A plain object (not a lambda) so the scheduler's state dict holds only numbers and
-    reloads with ``weights_only=True``."""
-
-    def __init__(self, warmup_steps: int, max_steps: int, kind: str):
-        self.warmup_steps, self.max_steps, self.kind = warmup_steps, max_steps, kind
-
-    def __call__(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
-        if self.kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_engine(cfg, policy, run: Run):
-    import deepspeed
-
-    ds_config = deepspeed_config(cfg, run.world_size)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if "optimizer" in ds_config:
-        optimizer = None
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    t = cfg.train
-    schedule = LinearWarmupSchedule(t.warmup_steps, t.max_steps, t.lr_schedule)
-    engine, _, _, _ = deepspeed.initialize(
-        model=policy,
-        model_parameters=params,
-        optimizer=optimizer,
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )
-    _use_safe_checkpoint_loading(engine)
-    return engine
-
-
-def _use_safe_checkpoint_loading(engine) -> None:
-    """DeepSpeed loads its checkpoint files with ``weights_only=False`` (full unpickling). Swap in an
-    engine that loads with ``weights_only=True`` and allows only the few DeepSpeed types its files hold."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    from .safe_load import safe_torch_load
-
-    class SafeCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path, map_location=None):
-            return safe_torch_load(path, map_location=map_location)
-
-    current = engine.checkpoint_engine
-    if isinstance(current, TorchCheckpointEngine):
-        safe = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
-        safe.__dict__.update(current.__dict__)
-        engine.checkpoint_engine = safe
-
-
 # ==================================================================== the loop
 
 
@@ -496,13 +412,11 @@ def train(cfg) -> Path:
     name, hparams = loss_hparams(cfg)
     loss = build_loss(name, **hparams)
     run = setup_run(cfg)
-    identity = training_identity(cfg, train_set)
+    identity = training_identity(as_dict(cfg), train_set.key)
     final_dir = run.output_dir / FINAL_DIR
     if cfg.train.overwrite:
         _clear_previous_run(run)
-    elif (run.output_dir / RUN_FILE).exists() and final_dir.exists():
-        previous = json.loads((run.output_dir / RUN_FILE).read_text())
-        changed = identity_changes(training_identity(previous["config"], previous["cache_key"]), identity)
+    elif (changed := finished_run_changes(run.output_dir, identity)) is not None:
         if not changed:
             if run.is_main:
                 print(f"[dpo-zoo train] {run.output_dir} is already trained with this config and prepared set; "
@@ -523,7 +437,7 @@ def train(cfg) -> Path:
     pad_id = tokenizer.pad_token_id
 
     # ---- engine, reference, resume
-    engine = build_engine(cfg, policy, run)
+    engine = build_engine(cfg, policy, run.world_size)
     reference = build_reference(cfg, engine.module, model_path, reference_mode, run)
     watch = GradientWatch(engine.module.parameters())
     start_step = _resume(engine, run, cfg, identity)
@@ -623,40 +537,6 @@ def _grad_norm(engine) -> float:
 # ==================================================================== checkpoints
 
 
-# Settings that change how a run is watched or where it starts, not what it computes: a finished run is
-# reused, and a checkpoint resumed, whatever their values.
-WATCH_ONLY_SETTINGS = ("progress", "log_every", "eval_every", "save_every", "overwrite", "resume")
-
-
-def training_identity(cfg: Any, train_set: Any) -> Dict[str, Any]:
-    """What a run's weights depend on: the resolved config (less :data:`WATCH_ONLY_SETTINGS`) and the
-    cache key of the prepared set it trains on. run.json records both (``config``, ``cache_key``);
-    every checkpoint stores the identity itself. ``cfg`` may be a config or an already resolved dict."""
-    config = json.loads(json.dumps(cfg if isinstance(cfg, dict) else as_dict(cfg), default=str))
-    for key in WATCH_ONLY_SETTINGS:
-        config.get("train", {}).pop(key, None)
-    key = train_set if isinstance(train_set, dict) else train_set.key
-    return {"config": config, "cache_key": key}
-
-
-def identity_changes(stored: Dict[str, Any], identity: Dict[str, Any]) -> List[str]:
-    """Dotted names of what differs between a stored identity and the current one, e.g.
-    ``["train.learning_rate", "prepared set (cache key: data)"]``; empty when they match."""
-    changes = []
-    old_config, new_config = stored.get("config", {}), identity["config"]
-    for section in sorted(set(old_config) | set(new_config)):
-        old, new = old_config.get(section), new_config.get(section)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        elif old != new:
-            changes.append(section)
-    old_key, new_key = stored.get("cache_key") or {}, identity["cache_key"]
-    fields = sorted(k for k in set(old_key) | set(new_key) if old_key.get(k) != new_key.get(k))
-    if fields:
-        changes.append(f"prepared set (cache key: {', '.join(fields)})")
-    return changes
-
-
 def _clear_previous_run(run: Run) -> None:
     """``train.overwrite=true``: drop the checkpoints, final weights and run.json of an earlier run in
     this folder (its logs stay, and this run appends to them), so nothing is resumed or reused."""
@@ -728,7 +608,7 @@ def save_final(engine, tokenizer, cfg, run: Run, train_set, source, reference_mo
             "metrics": metrics,
             "config": as_dict(cfg),
         }
-        (run.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+        write_run_record(run.output_dir, record)
         print(f"[dpo-zoo train] saved {final_dir}")
     if run.world_size > 1:
         torch.distributed.barrier()

@@ -13,31 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep import schema as S
-from dpo_zoo.cache import (
-    MANIFEST,
-    Layout,
-    PairReference,
-    PreparedSet,
-    PreparedSetWriter,
-    SideReference,
-    build_shard_table,
-    check_contents,
-    describe_key_diff,
-    digest,
-    lookup,
-    pairs_fingerprint,
-    plan_shards,
-    read_manifest,
-    read_reference_file,
-    references_from_file,
-    shard_file,
-    shard_token_counts,
-    sidecar_file,
-    verify_prepared_set,
-)
+from data_prep.reference_logps import read_reference_file, references_from_file
+from data_prep.schema import PairReference, PreferencePair, SideReference, TokenizedPair
+from dpo_zoo import cache_format as S
+from dpo_zoo.cache import PreparedSet, check_contents, lookup, read_manifest, verify_prepared_set
+from dpo_zoo.cache_format import MANIFEST, Layout, digest, shard_file, sidecar_file
+from dpo_zoo.cache_writer import PreparedSetWriter, build_shard_table, pairs_fingerprint, plan_shards, shard_token_counts
 from dpo_zoo.errors import CacheError, DataError
 from dpo_zoo.losses.base import Need
+from dpo_zoo.staleness import describe
 
 KEY = {"schema_version": 1, "split": "train", "max_length": 64, "model_weights": {"model.safetensors": "a" * 64},
        "tokenizer": "b" * 64, "topk": 0}
@@ -50,11 +34,11 @@ def make_rows(n, seed=0, soft=False):
         prompt = [rng.randrange(1, 300) for _ in range(rng.randrange(1, 6))]
         chosen = [rng.randrange(1, 300) for _ in range(rng.randrange(1, 8))]
         rejected = [rng.randrange(1, 300) for _ in range(rng.randrange(1, 8))]
-        pair = S.PreferencePair(
+        pair = PreferencePair(
             id=f"pair-{i}", prompt=f"prompt {i}", chosen=[{"role": "assistant", "content": f"yes {i}"}],
             rejected=f"no {i}", is_tie=(i % 5 == 0), weight=1.0 + i / 10, soft_label=(0.7 if soft else None),
         )
-        rows.append(S.TokenizedPair(pair, prompt + chosen, len(prompt), prompt + rejected, len(prompt)))
+        rows.append(TokenizedPair(pair, prompt + chosen, len(prompt), prompt + rejected, len(prompt)))
     return rows
 
 
@@ -166,7 +150,7 @@ def test_shard_bytes_are_deterministic(tmp_path, built):
 
 def test_miss_names_each_differing_field():
     new = {**KEY, "max_length": 32, "model_weights": {"model.safetensors": "c" * 64}, "extra_field": True}
-    lines = describe_key_diff(KEY, new)
+    lines = describe(KEY, new)
     assert lines == ["extra_field (none) → True", "max_length 64 → 32", "model_weights model.safetensors aaaaaaaa… → cccccccc…"]
 
 

@@ -15,14 +15,10 @@ import pytest
 import torch
 
 from dpo_zoo.cli import main as cli_main
-from dpo_zoo.compare import (
-    CompareError,
-    kl_samples,
-    run_compare,
-    sequence_kl_terms,
-)
+from dpo_zoo.compare import run_compare
 from dpo_zoo.config import load_config
-from dpo_zoo.errors import CacheError
+from dpo_zoo.drift import kl_samples, sequence_kl_terms
+from dpo_zoo.errors import CacheError, CompareError
 from dpo_zoo.logps import completion_logps
 from dpo_zoo.losses import LossConfigError, registered_losses
 from dpo_zoo.metrics import functions as M

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import dpo_zoo.prep as prep_module
-from data_prep import schema as S
-from dpo_zoo.cache import MANIFEST, PreparedSet, lookup, read_manifest, shard_file, sidecar_file
+from dpo_zoo import cache_format as S
+from dpo_zoo.cache import PreparedSet, lookup, read_manifest
+from dpo_zoo.cache_format import MANIFEST, shard_file, sidecar_file
 from dpo_zoo.cli import main as cli_main
 from dpo_zoo.config import REPO_ROOT, load_config
 from dpo_zoo.errors import DataError

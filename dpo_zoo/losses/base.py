@@ -38,13 +38,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optio
 
 import torch
 
-
-class LossInputError(ValueError):
-    """A tensor a loss needs is missing or malformed; the message names it."""
-
-
-class LossConfigError(ValueError):
-    """A hyperparameter is unknown or out of range; the message names it."""
+from ..errors import LossConfigError, LossInputError  # defined with the other user errors
 
 
 class Need(str, enum.Enum):

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-# This folder is named like the package it tests. pytest puts tests/ on sys.path (for tests/conftest.py),
-# and the editable install finds packages only after the normal path search, so without the repository
-# root in front, `import data_prep` would find this folder (a namespace package) instead of the package
-# whenever pytest is not started as `python -m pytest` from the repository root.
-REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 from tiny import HH_RLHF_TEST
 
