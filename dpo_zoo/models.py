@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -139,13 +140,15 @@ def resolve_model_path(model_cfg: Any) -> Path:
     return resolve_model(model_cfg).path
 
 
-def resolve_model(model_cfg: Any) -> ResolvedModel:
+def resolve_model(model_cfg: Any, commit: Optional[str] = None) -> ResolvedModel:
     """A plain ``transformers`` folder for ``model_cfg.name_or_path`` (see the module docstring).
 
     A local folder (relative paths resolve against the current working directory) is used as it is,
     after checking that it holds a ``config.json``. A built-in name is converted on first use and
     reused afterwards. A name of the form ``org/name`` that is not a local folder is a Hub repo, fetched
-    at ``model_cfg.revision``. Anything else is a :class:`ModelError` that lists what is accepted.
+    at ``model_cfg.revision``, or at ``commit`` when one is given: the other processes of a launch pass
+    the commit rank 0 resolved, so all of them start from the same weights even if the branch moves
+    meanwhile. Anything else is a :class:`ModelError` that lists what is accepted.
     """
     name = str(model_cfg.name_or_path)
     revision = getattr(model_cfg, "revision", None) or DEFAULT_REVISION
@@ -159,6 +162,8 @@ def resolve_model(model_cfg: Any) -> ResolvedModel:
         _no_revision(name, revision, "a local folder")
         return ResolvedModel(path.resolve(), name)
     if is_hub_repo_id(name):
+        if commit:
+            return dataclasses.replace(resolve_hub_model(name, commit), revision=revision)
         return resolve_hub_model(name, revision)
     raise ModelError(
         f"model.name_or_path '{name}': not a local model folder (looked at {path.resolve()}), not a "

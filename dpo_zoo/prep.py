@@ -314,11 +314,12 @@ class _Context:
 def _load_context(cfg: Any, processes: Processes) -> _Context:
     import data_prep
 
-    # Rank 0 first: a built-in model is converted (a Hub model downloaded) once, then the others find it done.
+    # Rank 0 first: a built-in model is converted (a Hub model downloaded) once, then the others find it
+    # done, at the commit rank 0 resolved (a branch that moves meanwhile cannot split the ranks).
     model = resolve_model(cfg.model) if processes.main else None
-    processes.barrier()
+    commit = processes.from_main(model.commit if model is not None else None)
     if model is None:
-        model = resolve_model(cfg.model)
+        model = resolve_model(cfg.model, commit=commit)
     model_path = model.path
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     generate = _reward_sampler(cfg, model_path, tokenizer) if cfg.data.preprocessor == "reward_pairs" else None

@@ -179,7 +179,13 @@ def load_policy(cfg, run: Run):
     """(policy, tokenizer, :class:`~dpo_zoo.models.ResolvedModel` it started from)."""
     from .models import load_model, load_tokenizer, resolve_model
 
-    source = resolve_model(cfg.model)
+    # Rank 0 resolves first; the others then take the commit it resolved (and a built-in model it converted).
+    source = resolve_model(cfg.model) if run.is_main else None
+    if run.world_size > 1:
+        box = [source.commit if source is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if source is None:
+            source = resolve_model(cfg.model, commit=box[0])
     model_path = source.path
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)

@@ -97,6 +97,15 @@ def test_a_revision_can_be_a_branch_or_a_commit(hub, tiny_repo_files):
     assert resolve_model(model_cfg(revision=first)).commit == first
 
 
+def test_other_ranks_take_the_commit_rank_0_resolved(hub, tiny_repo_files):
+    """What prep and train pass to the other processes of a launch: rank 0's commit, even after main moved."""
+    first = hub.push(TINY, tiny_repo_files)
+    hub.push(TINY, {**tiny_repo_files, "README.md": b"# moved\n"})
+    pinned = resolve_model(model_cfg(), commit=first)
+    assert pinned.commit == first and pinned.revision == "main"
+    assert resolve_model(model_cfg()).commit != first
+
+
 def test_second_run_from_the_cache_offline_after_the_server_stopped(hub, tiny_repo_files, monkeypatch):
     from dpo_zoo.models import load_model, load_tokenizer
 
