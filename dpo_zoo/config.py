@@ -176,6 +176,9 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
+    # Keep only the newest N checkpoints (null: keep all). Older ones are deleted only after a newer
+    # one has been written and verified.
+    keep_checkpoints: Optional[int] = None
     # Resume from the last checkpoint in output_dir when there is one.
     resume: bool = True
     # A finished run with the same config is reused (not retrained) unless this is true.
@@ -476,6 +479,8 @@ def _check_values(cfg: DictConfig) -> List[str]:
             errors.append(f"`{key}`: must be >= 0, got {value!r}")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         errors.append(f"`data.heldout_fraction`: must be in [0, 1), got {cfg.data.heldout_fraction}")
+    if cfg.train.keep_checkpoints is not None and cfg.train.keep_checkpoints < 1:
+        errors.append(f"`train.keep_checkpoints`: must be >= 1 (or null: keep all), got {cfg.train.keep_checkpoints}")
     if cfg.train.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         errors.append(f"`train.deepspeed.zero_stage`: must be 0, 1, 2 or 3, got {cfg.train.deepspeed.zero_stage}")
     if cfg.prep.max_prompt_length is not None and cfg.prep.max_prompt_length >= cfg.prep.max_length:

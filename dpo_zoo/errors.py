@@ -23,6 +23,11 @@ class ModelError(UserError, ValueError):
     """A model folder or built-in model cannot be used; the message names the path and what to do."""
 
 
+class CheckpointError(UserError):
+    """No training checkpoint can be resumed from (each one found and what failed), or one just
+    written does not verify."""
+
+
 class TrainingError(UserError):
     """Training cannot go on: a non-finite loss or gradient (with step and batch), a failed preflight."""
 
@@ -42,5 +47,5 @@ class LossConfigError(UserError, ValueError):
 # What the CLI prints plainly: every error above, and bad data.
 USER_ERRORS = (UserError, DataError)
 
-__all__ = ["CacheError", "CompareError", "DataError", "LossConfigError", "LossInputError", "ModelError", "TrainingError",
+__all__ = ["CacheError", "CheckpointError", "CompareError", "DataError", "LossConfigError", "LossInputError", "ModelError", "TrainingError",
            "USER_ERRORS", "UserError"]

@@ -3,7 +3,8 @@
     config.yaml     the resolved config of the last run started here
     logs.jsonl      one JSON record per logged step / evaluation / event (appended)
     tensorboard/    the same scalars for TensorBoard
-    checkpoints/    DeepSpeed checkpoints (``step-0000010``, ...; ``latest`` names the newest)
+    checkpoints/    DeepSpeed checkpoints with a checksummed manifest each (``step-0000010``, ...;
+                    ``latest`` names the newest verified one): see :mod:`dpo_zoo.checkpoints`
     final/          the trained weights (``save_pretrained``: full model, or the LoRA adapter alone)
     run.json        written last: the loss, its hyperparameters, the base model, the reference mode, the
                     prepared set and its cache key, the final metrics, and the resolved config
@@ -33,9 +34,11 @@ RUN_FILE = "run.json"
 # Fields every run.json has (compare reads them).
 RUN_RECORD_FIELDS = ("loss", "loss_hparams", "base_model")
 
-# Settings that change how a run is watched or where it starts, not what it computes: a finished run is
-# reused, and a checkpoint resumed, whatever their values.
-WATCH_ONLY_SETTINGS = ("progress", "log_every", "eval_every", "save_every", "overwrite", "resume")
+# Settings that change how a run is watched, where it is kept or where it starts, not what it computes:
+# a finished run is reused, and a checkpoint resumed (also in a moved or copied run folder), whatever
+# their values.
+WATCH_ONLY_SETTINGS = ("output_dir", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                       "overwrite", "resume")
 
 
 class RunFolderError(UserError, ValueError):

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import checkpoints
 from .batching import Collated, cache_reference_fields, collate, columns_to_read, loss_wants, pair_batch
 from .config import as_dict, loss_hparams, save_resolved
 from .engine import build_engine
@@ -516,7 +517,7 @@ def train(cfg) -> Path:
         if heldout is not None and t.eval_every and done % t.eval_every == 0 and done < max_steps:
             run.log({"step": done, **evaluate(engine, loss, heldout, cfg, run, pad_id, reference)})
         if t.save_every and done % t.save_every == 0 and done < max_steps:
-            _save_checkpoint(engine, run, done, identity)
+            _save_checkpoint(engine, run, done, identity, keep=t.keep_checkpoints)
     bar.close()
 
     # ---- evaluate and save
@@ -561,28 +562,30 @@ def _checkpoint_root(run: Run) -> Path:
     return run.output_dir / CHECKPOINT_DIR
 
 
-def _save_checkpoint(engine, run: Run, step: int, identity: Dict[str, Any]) -> None:
-    engine.save_checkpoint(str(_checkpoint_root(run)), tag=f"step-{step:07d}",
-                           client_state={"step": step, "identity": identity})
+def _save_checkpoint(engine, run: Run, step: int, identity: Dict[str, Any], keep: Optional[int] = None) -> None:
+    """Atomic, checksummed, verified before ``latest`` moves (:mod:`dpo_zoo.checkpoints`)."""
+    checkpoints.save(engine, _checkpoint_root(run), step, identity, run, keep=keep)
 
 
 def _resume(engine, run: Run, cfg, identity: Dict[str, Any]) -> int:
+    """The step of the newest checkpoint that verifies (damaged ones are reported and skipped), loaded
+    into ``engine``; 0 without one."""
     root = _checkpoint_root(run)
-    if not cfg.train.resume or not (root / "latest").exists():
+    found = checkpoints.newest_verified(root, run) if cfg.train.resume else None
+    if found is None:
         return 0
-    _, client_state = engine.load_checkpoint(str(root))
-    changed = identity_changes(client_state.get("identity", {}), identity)
+    changed = identity_changes(found.identity, identity)
     if changed:
         raise TrainingError(
-            f"the checkpoint in {root} was made with a different {', '.join(changed)}: resuming from it would "
+            f"the checkpoint {found.folder} was made with a different {', '.join(changed)}: resuming from it would "
             "not give the run this config asks for. Set train.overwrite=true to start over, train.resume=false "
             "to ignore the checkpoint, or choose another train.output_dir"
         )
-    step = int(client_state["step"])
+    checkpoints.load(engine, found)
     if run.is_main:
-        print(f"[dpo-zoo train] resumed from {root} at step {step}")
-        run.log({"event": "resume", "step": step})
-    return step
+        print(f"[dpo-zoo train] resumed from {found.folder} at step {found.step}")
+        run.log({"event": "resume", "step": found.step, "checkpoint": found.tag})
+    return found.step
 
 
 def save_final(engine, tokenizer, cfg, run: Run, train_set, source, reference_mode: str, metrics) -> None:
