@@ -5,7 +5,9 @@
 * ``docs/papers.md``: the paper index, each paper mapped to its registered names and the preset
   configs (``configs/loss/*.yaml``) that reproduce its or its official code's settings;
 * ``docs/metrics.md``: the glossary of training and comparison metrics;
-* ``docs/cache.md``: the prepared-set format, from ``dpo_zoo.cache``'s own documentation.
+* ``docs/cache.md``: the prepared-set format, from ``dpo_zoo.cache``'s own documentation;
+* ``docs/checkpoints.md``: the training-checkpoint format and how resuming verifies it, from
+  ``dpo_zoo.checkpoints``'s own documentation.
 
 ``tests/test_docs.py`` regenerates both and fails if the committed files differ, so the docs cannot
 drift from the code. ``--check`` does the same from the command line.
@@ -195,12 +197,20 @@ def cache_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def checkpoints_markdown() -> str:
+    from . import checkpoints
+
+    return "\n".join(["# Training checkpoints", "", GENERATED, "", checkpoints.__doc__.strip(), "",
+                      f"Manifest format: `{checkpoints.FORMAT}`."]) + "\n"
+
+
 def generated_docs() -> Dict[Path, str]:
     return {
         DOCS / "losses.md": losses_markdown(),
         DOCS / "papers.md": papers_markdown(),
         DOCS / "metrics.md": metrics_markdown(),
         DOCS / "cache.md": cache_markdown(),
+        DOCS / "checkpoints.md": checkpoints_markdown(),
     }
 
 

@@ -390,12 +390,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source: Optional[Mapping[str, A
 
 def check_safetensors_folder(path: Union[str, Path]) -> list:
     """The ``*.safetensors`` files of a model folder (sorted, relative names); a :class:`ModelError`
-    when there are none, saying so plainly when the folder holds only pickled weights."""
+    when there are none, saying so plainly when the folder holds only pickled weights, and naming a
+    file that is truncated or otherwise not a complete safetensors file."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist")
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.safetensors") if p.is_file())
     if files:
+        for name in files:
+            check_safetensors_file(path / name)
         return files
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
     if pickled:
@@ -405,6 +408,22 @@ def check_safetensors_folder(path: Union[str, Path]) -> list:
             "`model.save_pretrained(folder, safe_serialization=True)` in a session you trust"
         )
     raise ModelError(f"model folder {path} has no *.safetensors weight files")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """A :class:`ModelError` naming ``path`` unless its header parses and its tensors cover the file
+    exactly (``safe_open`` checks both, reading the header only): a truncated copy is caught here,
+    not as a library error while loading."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # SafetensorError (and OSError): the file is not whole
+        raise ModelError(
+            f"{path}: not a complete safetensors file ({err}); it is truncated or damaged: copy or save "
+            "it again"
+        ) from None
 
 
 def torch_dtype(name: str):

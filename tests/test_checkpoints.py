@@ -196,3 +196,39 @@ def test_keep_checkpoints_must_be_positive():
 
     with pytest.raises(ConfigError, match=r"`train.keep_checkpoints`: must be >= 1 \(or null: keep all\), got 0"):
         load_config([], ["train.keep_checkpoints=0"])
+
+
+@pytest.mark.slow
+def test_two_processes_skip_a_damaged_rank_file_together(tiny_prepared, tmp_path):
+    """ZeRO-2 over 2 ranks under the `deepspeed` launcher: each rank writes its own optimizer file, the
+    manifest covers both, and when rank 1's file of the newest checkpoint is truncated both ranks
+    resume from the one before and end bit-identical to the uninterrupted run."""
+    from dpo_zoo.trainer import _free_port
+
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    common = list(tiny_prepared) + ["train.max_steps=3", "train.save_every=1", "train.deepspeed.zero_stage=2",
+                                    "train.micro_batch_size=1"]
+
+    def launch(out):
+        result = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+                                 "dpo_zoo.cli", "train", *common, f"train.output_dir={out}"],
+                                env=env, capture_output=True, text=True, timeout=900)
+        return result.returncode, result.stdout + result.stderr
+
+    code, printed = launch(tmp_path / "full")
+    assert code == 0, printed[-3000:]
+    manifest = json.loads((tmp_path / "full" / "checkpoints" / "step-0000002" / MANIFEST).read_text())
+    rank_files = sorted(name for name in manifest["files"] if name.endswith("optim_states.pt"))
+    assert len(rank_files) == 2 and "rank_1" in rank_files[1]
+
+    out = interrupted_copy(tmp_path / "full", tmp_path)
+    truncate(out / "checkpoints" / "step-0000002" / rank_files[1])
+    code, printed = launch(out)
+    assert code == 0, printed[-3000:]
+    assert f"step-0000002 skipped: {rank_files[1]}:" in printed
+    assert "Traceback" not in printed
+    assert resumed_from(out) == ["step-0000001"]
+    assert_bit_identical(final_weights(out), final_weights(tmp_path / "full"))

@@ -426,6 +426,53 @@ def test_clear_errors_for_bad_arguments(tiny_prepared, tiny_model_dir, tmp_path)
     assert f"| 0.500 ({metrics['rewards/zero_margins']} at 0) |" in (tmp_path / "ok" / "summary.md").read_text()
 
 
+def test_truncated_or_pickled_final_weights_are_clear_errors(tiny_prepared, tiny_model_dir, tmp_path, capfd):
+    """compare refuses a run whose final/ (full weights or LoRA adapter) is truncated, naming the file,
+    and an adapter saved as a pickle, which it never unpickles; the CLI prints it plainly and exits 2."""
+    from peft import LoraConfig, get_peft_model
+
+    from dpo_zoo.models import load_model
+
+    heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
+
+    def compare_cli(run):
+        code = cli_main(["compare", str(run), "--data", str(heldout), "--output", str(tmp_path / "report"),
+                         "--config", *tiny_prepared, "compare.kl_samples=0"])
+        captured = capfd.readouterr()
+        assert "Traceback" not in captured.out + captured.err
+        return code, captured.err
+
+    def truncate(path):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    full = tmp_path / "full"
+    shutil.copytree(tiny_model_dir, full / "final")
+    (full / "run.json").write_text(json.dumps({"loss": "dpo", "loss_hparams": {"beta": 0.1},
+                                               "base_model": str(tiny_model_dir), "lora": False}))
+    truncate(full / "final" / "model.safetensors")
+    code, err = compare_cli(full)
+    assert code == 2
+    assert f"{full / 'final' / 'model.safetensors'}: not a complete safetensors file" in err
+    assert "truncated or damaged" in err
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(adapter / "final", safe_serialization=True)
+    (adapter / "run.json").write_text(json.dumps({"loss": "dpo", "loss_hparams": {"beta": 0.1},
+                                                  "base_model": str(tiny_model_dir), "lora": True}))
+    assert compare_cli(adapter)[0] == 0  # whole, it loads
+    truncate(adapter / "final" / "adapter_model.safetensors")
+    code, err = compare_cli(adapter)
+    assert code == 2
+    assert f"{adapter / 'final' / 'adapter_model.safetensors'}: not a complete safetensors file" in err
+
+    (adapter / "final" / "adapter_model.safetensors").unlink()
+    torch.save({"x": torch.ones(1)}, adapter / "final" / "adapter_model.bin")
+    code, err = compare_cli(adapter)
+    assert code == 2 and "only pickled weights (adapter_model.bin)" in err
+
+
 # ==================================================================== the real model
 
 
