@@ -437,8 +437,11 @@ def score_subject(subject: Subject, cfg, heldout, *, listed: bool, several: bool
     timings["kl_seconds"] = time.perf_counter() - timer
 
     entries, tables = [], []
-    for (name, hparams), key in zip(subject.losses, entry_keys):
-        label = subject.label if not listed else (f"{subject.label}:{name}" if several else name)
+    for index, ((name, hparams), key) in enumerate(zip(subject.losses, entry_keys)):
+        if listed:
+            label = f"{subject.label}:{name}" if several else name
+        else:  # the subject's own loss, then (for a mixture) each of its parts
+            label = subject.label if index == 0 else f"{subject.label}:{name}"
         if key not in scored_pass.outputs:
             cell = _loss_cell(scored_pass, key, own[key], heldout, live)
             notes.append(f"{label}: not scored: {cell['skipped']}")

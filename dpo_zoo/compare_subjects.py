@@ -146,7 +146,14 @@ def _adapter_base_model(config_file: Path, adapter_config: Dict[str, Any]) -> Pa
 
 
 def _entry_losses(own, loss_names):
-    return own if loss_names is None else [(name, {}) for name in loss_names]
+    """The ``--losses`` list, else the subject's own loss followed by its parts when it is a mixture
+    (each part scored on its own, with the hyperparameters it had in the mixture)."""
+    if loss_names is not None:
+        return [(name, {}) for name in loss_names]
+    out = []
+    for name, hparams in own:
+        out += [(name, hparams), *get_loss_entry(name).components(hparams)]
+    return out
 
 
 def check_tokenizer(subject: Subject, heldout) -> None:

@@ -373,6 +373,7 @@ KEY_ALIASES = {
     "bf16": "train.precision",
     "beta": "loss.beta",
     "loss_type": "loss",
+    "loss_weights": "loss.weights",
     "max_prompt_length": "prep.max_prompt_length",
     "max_length": "prep.max_length",
     "precompute_ref_log_probs": "train.reference",
@@ -400,7 +401,6 @@ def _omegaconf_message(err: Exception) -> str:
 def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]) -> Optional[Dict[str, Any]]:
     """Build the ``loss`` section: its name (preset file or registered name) and checked hparams."""
     from .losses import LossConfigError, get_loss_entry, load_loss_plugin
-    from .losses.base import hparam_type_problems
 
     name, hparams, plugin = "dpo", {}, None
     hparam_sources: Dict[str, str] = {}
@@ -410,7 +410,8 @@ def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]
                 for sub_key, sub_value in value.items():
                     entries.append((source, str(sub_key), sub_value))
                 continue
-            name = str(value)
+            # A list of names is a mixture (TRL's loss_type list): [sigmoid, bco_pair, sft] = sigmoid+bco_pair+sft.
+            name = "+".join(map(str, value)) if isinstance(value, list) else str(value)
             preset = find_loss_preset(name)
             if preset is not None:
                 preset_values = read_yaml(preset)
@@ -421,6 +422,9 @@ def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]
                 hparams, hparam_sources = {}, {}
         elif key == "plugin":
             plugin = value
+        elif isinstance(value, dict) and value:  # a mixture part's keys written as a mapping: dpo: {beta: 0.1}
+            for sub_key, sub_value in value.items():
+                entries.append((source, f"{key}.{sub_key}", sub_value))
         else:
             hparams[key] = value
             hparam_sources[key] = source
@@ -436,6 +440,10 @@ def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]
     except LossConfigError as err:
         errors.append(f"loss: {err}")
         return None
+    # A mixture's shared keys (loss.beta) become its parts' own (loss.dpo.beta); a plain loss's stay.
+    expanded = entry.expand_shared(hparams)
+    hparam_sources = {k: hparam_sources.get(k) or hparam_sources.get(k.partition(".")[2], "") for k in expanded}
+    hparams = expanded
     known = set(entry.defaults())
     for key in sorted(set(hparams) - known):
         errors.append(
@@ -443,7 +451,7 @@ def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]
             f"(known: {', '.join(sorted(known))})"
         )
     good = {k: v for k, v in hparams.items() if k in known}
-    for key, problem in hparam_type_problems(entry.cls.Config, good).items():
+    for key, problem in entry.type_problems(good).items():
         errors.append(f"{hparam_sources[key]}: `loss.{key}`: {problem}")
         good.pop(key)
     try:

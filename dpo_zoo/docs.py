@@ -49,6 +49,10 @@ def losses_markdown() -> str:
         "log-prob needs are the policy's alone: no reference model is loaded, no reference value read, and",
         "it trains on a set prepared with `prep.reference=false`).",
         "",
+        "## Mixtures",
+        "",
+        *_module_doc("dpo_zoo.losses.mixture"),
+        "",
         "## Paper or official code",
         "",
         "| family (names) | where the implementation stands |",
@@ -61,6 +65,15 @@ def losses_markdown() -> str:
         notes = " ".join(cls.implementation_notes.split())
         lines.append(f"| {', '.join(f'`{n}`' for n in names)} | {notes} |")
     return "\n".join(lines) + "\n"
+
+
+def _module_doc(module: str) -> List[str]:
+    """A module's docstring as markdown lines, without its first (title) paragraph."""
+    import importlib
+    import inspect
+
+    text = inspect.getdoc(importlib.import_module(module)) or ""
+    return text.split("\n\n", 1)[-1].replace("``", "`").splitlines()
 
 
 def _preset_source(path: Path) -> str:

@@ -302,6 +302,10 @@ class Loss:
                 out.append(name)
         return out
 
+    def components(self) -> List[Tuple[str, "Loss"]]:
+        """``(name, loss)`` of the parts this loss sums (a mixture); a plain loss has none."""
+        return []
+
     def __call__(self, batch: PairBatch) -> LossOutput:
         return self.forward(batch)
 
@@ -356,6 +360,19 @@ class RegisteredLoss:
         loss = self.cls(config)
         loss.name = self.name
         return loss
+
+    # The same interface as a mixture's entry (dpo_zoo.losses.mixture.MixtureEntry), which config and
+    # compare use without asking which kind of entry they hold.
+    def expand_shared(self, hparams: Mapping[str, Any]) -> Dict[str, Any]:
+        """The hyperparameters as this entry keys them (a plain loss: unchanged)."""
+        return dict(hparams)
+
+    def type_problems(self, values: Mapping[str, Any]) -> Dict[str, str]:
+        return hparam_type_problems(self.cls.Config, values)
+
+    def components(self, hparams: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+        """The parts a mixture is made of, with their hyperparameters (a plain loss: none)."""
+        return []
 
 
 # What each declared hyperparameter type accepts, and how an error names it. A bool is not taken for a
@@ -451,7 +468,13 @@ def registered_losses() -> Dict[str, RegisteredLoss]:
 
 
 def get_loss_entry(name: str) -> RegisteredLoss:
+    """The registry entry of ``name``; ``a+b+...`` is a mixture of registered losses
+    (:mod:`dpo_zoo.losses.mixture`), built on demand with the same interface."""
     _load_plugins()
+    from .mixture import is_mixture_name, mixture_entry
+
+    if is_mixture_name(name):
+        return mixture_entry(name, get_loss_entry)
     if name not in _REGISTRY:
         raise LossConfigError(f"unknown loss '{name}'; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
