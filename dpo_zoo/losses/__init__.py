@@ -37,6 +37,7 @@ from . import sampo  # noqa: E402,F401
 from . import h_dpo  # noqa: E402,F401
 from . import ra_dpo  # noqa: E402,F401
 from . import tie_dpo  # noqa: E402,F401
+from . import mixture  # noqa: E402,F401  (names a+b+...: mixtures of the above)
 
 __all__ = [
     "NEED_FIELDS",

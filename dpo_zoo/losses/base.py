@@ -462,6 +462,17 @@ def load_loss_plugin(path: str) -> None:
         getattr(mod, attr)
 
 
+# Names built on demand rather than registered (``a+b``: dpo_zoo.losses.mixture adds its resolver here):
+# each resolver returns an entry for a name it recognises, else None.
+_NAME_RESOLVERS: List[Callable[[str, Callable[[str], RegisteredLoss]], Optional[RegisteredLoss]]] = []
+
+
+def add_name_resolver(resolver: Callable[[str, Callable[[str], RegisteredLoss]], Optional[RegisteredLoss]]) -> None:
+    """Let ``resolver(name, lookup)`` build entries for names that are not registered one by one."""
+    if resolver not in _NAME_RESOLVERS:
+        _NAME_RESOLVERS.append(resolver)
+
+
 def registered_losses() -> Dict[str, RegisteredLoss]:
     _load_plugins()
     return dict(_REGISTRY)
@@ -471,10 +482,10 @@ def get_loss_entry(name: str) -> RegisteredLoss:
     """The registry entry of ``name``; ``a+b+...`` is a mixture of registered losses
     (:mod:`dpo_zoo.losses.mixture`), built on demand with the same interface."""
     _load_plugins()
-    from .mixture import is_mixture_name, mixture_entry
-
-    if is_mixture_name(name):
-        return mixture_entry(name, get_loss_entry)
+    for resolve in _NAME_RESOLVERS:
+        entry = resolve(name, get_loss_entry)
+        if entry is not None:
+            return entry
     if name not in _REGISTRY:
         raise LossConfigError(f"unknown loss '{name}'; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

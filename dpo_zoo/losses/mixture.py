@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Loss, LossConfigError, LossOutput, PairBatch, RegisteredLoss
+from .base import Loss, LossConfigError, LossOutput, PairBatch, RegisteredLoss, add_name_resolver
 
 SEPARATOR = "+"
 
@@ -171,8 +171,11 @@ class MixtureEntry:
         return loss
 
 
-def mixture_entry(name: str, lookup) -> MixtureEntry:
-    """The entry of ``a+b+...``; ``lookup`` finds a part's :class:`RegisteredLoss` by name."""
+def mixture_entry(name: str, lookup) -> Optional[MixtureEntry]:
+    """The entry of ``a+b+...`` (None for a name without ``+``); ``lookup`` finds a part's
+    :class:`RegisteredLoss` by name."""
+    if not is_mixture_name(name):
+        return None
     names = [part.strip() for part in name.split(SEPARATOR)]
     if any(not part for part in names):
         raise LossConfigError(f"loss '{name}': an empty part in the mixture (write parts as a+b)")
@@ -181,3 +184,6 @@ def mixture_entry(name: str, lookup) -> MixtureEntry:
         raise LossConfigError(f"loss '{name}': {', '.join(repeated)} appears twice; a mixture names each part once "
                               "(weight it with loss.weights instead)")
     return MixtureEntry(name=SEPARATOR.join(names), parts=tuple(lookup(part) for part in names))
+
+
+add_name_resolver(mixture_entry)
