@@ -4,6 +4,7 @@
     dpo-zoo prep CONFIG.yaml [key=value ...] [--verify]
     dpo-zoo train CONFIG.yaml [loss=<name>] [loss.beta=0.05] [key=value ...]
     dpo-zoo compare RUN [RUN ...] --data PREPARED [--losses all] [--output DIR]
+    dpo-zoo study STUDY.yaml [key=value ...]         losses x strengths x seeds: the reward-KL frontier
 
 Also runnable as ``python -m dpo_zoo.cli`` (what the ``deepspeed`` launcher needs:
 ``deepspeed --num_gpus 2 --module dpo_zoo.cli train CONFIG.yaml``).
@@ -110,6 +111,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    files, overrides = _split_overrides(args.config)
+    if len(files) != 1:
+        raise ConfigError([f"dpo-zoo study takes one study file, got {len(files)}: {' '.join(files) or 'none'}"])
+    run_study(files[0], overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The deepspeed launcher passes --local_rank before the sub-command; the rank is read from the env.
@@ -137,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="report folder (default: compare.output_dir)")
     p.add_argument("--config", dest="overrides", nargs="*", help="YAML file(s) and key=value overrides")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("study", help="train and evaluate losses x strengths x seeds: the reward-KL frontier")
+    p.add_argument("config", nargs="+", help="a study YAML file then key=value overrides (study.* or experiment keys)")
+    p.set_defaults(func=cmd_study)
     return parser
 
 

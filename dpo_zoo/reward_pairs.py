@@ -15,6 +15,7 @@ missing shard; another setting writes under another key. Shard ``i`` is sampled 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -36,7 +37,9 @@ class ShardedSampler:
 
     def __init__(self, model_path: Path, tokenizer: Any, *, weights: Dict[str, str], tokenizer_hash: str,
                  work_dir: Path, dtype: str = "float32", device: str = "cpu", progress: bool = True):
-        self.model_path, self.tokenizer, self.weights = Path(model_path), tokenizer, weights
+        # A copy: padding a batch reconfigures a fast tokenizer's backend, which would change the
+        # tokenizer fingerprint prep records (and the trainer then refuses the set).
+        self.model_path, self.tokenizer, self.weights = Path(model_path), copy.deepcopy(tokenizer), weights
         self.tokenizer_hash, self.work_dir, self.dtype = tokenizer_hash, Path(work_dir), dtype
         self.device, self.progress = device, progress
         self._model = None

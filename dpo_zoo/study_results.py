@@ -1,0 +1,252 @@
+"""The claims table (``docs/results.md``), generated from a study's ``summary.json``, never typed by hand.
+
+Each claim is declared in the study file (``study.claims``), so no code here knows a loss by name::
+
+    - id: sampo_length
+      claim: "SamPO: lower reward–length correlation than DPO at matched KL"
+      compare: matched_kl           # matched_kl | same_strength | monotone
+      treatment: sampo              # curve labels of study.losses
+      baseline: dpo                 # (not used by monotone)
+      metrics: [{metric: reward_length_corr, expect: lower}]
+      report: [accuracy]            # shown beside the effect, not part of the verdict
+
+How each comparison is made, per seed (the same seeds, data order and evaluation draws for every
+curve, so the comparisons are paired), then summarised over seeds as mean ± 95% t interval:
+
+* ``same_strength``: treatment − baseline at each strength value both curves have, averaged over those
+  values; the mean KL (RB) of both is reported beside the effect;
+* ``matched_kl``: each curve of that seed as metric against KL (RB), sorted by KL and linearly
+  interpolated; the difference is averaged over 5 evenly spaced KLs of the range both curves cover.
+  A seed where the ranges do not overlap gives no value;
+* ``monotone``: the treatment curve alone, strengths in increasing order: the change of each metric
+  from one value to the next.
+
+Verdict per metric: *reproduced* when the 95% interval of the paired difference lies on the expected
+side of 0 (``expect: lower`` → entirely below 0; for ``monotone``, every step's interval); *not
+reproduced* when an interval lies entirely on the other side; otherwise *inconclusive at this scale*
+(also with fewer than 2 seeds with a value). A claim is reproduced when all its metrics are, not
+reproduced when any is not, else inconclusive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .study import REFERENCE_LABEL, StudyError, ci95
+
+COMPARISONS = ("matched_kl", "same_strength", "monotone")
+EXPECT = ("lower", "higher")
+KL_METRIC = "kl_rb"
+MATCH_POINTS = 5
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive at this scale"
+
+
+def check_claims(claims: Any, labels: Sequence[str], metrics: Sequence[str]) -> List[str]:
+    """Problems of a ``study.claims`` list (each named by its index and key); empty when it is usable."""
+    if not isinstance(claims, list):
+        return [f"`study.claims`: expected a list, got {claims!r}"]
+    errors = []
+    for i, claim in enumerate(claims):
+        where = f"`study.claims[{i}]`"
+        if not isinstance(claim, dict):
+            errors.append(f"{where}: expected a mapping")
+            continue
+        for key in ("id", "claim", "compare", "treatment", "metrics"):
+            if key not in claim:
+                errors.append(f"{where}: missing `{key}`")
+        if claim.get("compare") not in COMPARISONS:
+            errors.append(f"{where}.compare: {claim.get('compare')!r} is not one of {', '.join(COMPARISONS)}")
+        sides = ["treatment"] + ([] if claim.get("compare") == "monotone" else ["baseline"])
+        for side in sides:
+            if claim.get(side) not in labels:
+                errors.append(f"{where}.{side}: {claim.get(side)!r} is not a curve label ({', '.join(labels)})")
+        for j, m in enumerate(claim.get("metrics") or []):
+            if not isinstance(m, dict) or m.get("metric") not in metrics or m.get("expect") not in EXPECT:
+                errors.append(f"{where}.metrics[{j}]: expected {{metric: one of {', '.join(metrics)}, expect: lower|higher}}, got {m!r}")
+        for m in claim.get("report") or []:
+            if m not in metrics:
+                errors.append(f"{where}.report: {m!r} is not a metric ({', '.join(metrics)})")
+    return errors
+
+
+def _by_seed(runs: Sequence[Dict[str, Any]], label: str) -> Dict[int, List[Dict[str, Any]]]:
+    out: Dict[int, List[Dict[str, Any]]] = {}
+    for r in runs:
+        if r["label"] == label:
+            out.setdefault(r["seed"], []).append(r)
+    return out
+
+
+def _value(run: Dict[str, Any], metric: str) -> float:
+    v = run.get(metric)
+    return math.nan if v is None else float(v)
+
+
+def _strength_key(value: Any) -> Tuple[int, Any]:
+    return (0, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, str(value))
+
+
+def paired_same_strength(runs, treatment: str, baseline: str, metric: str) -> Dict[int, float]:
+    out = {}
+    base = _by_seed(runs, baseline)
+    for seed, mine in _by_seed(runs, treatment).items():
+        theirs = {json.dumps(r["strength"]): r for r in base.get(seed, [])}
+        diffs = [_value(r, metric) - _value(theirs[json.dumps(r["strength"])], metric)
+                 for r in mine if json.dumps(r["strength"]) in theirs]
+        diffs = [d for d in diffs if not math.isnan(d)]
+        if diffs:
+            out[seed] = float(np.mean(diffs))
+    return out
+
+
+def _curve(points: Sequence[Dict[str, Any]], metric: str) -> Tuple[np.ndarray, np.ndarray]:
+    pairs = sorted((_value(p, KL_METRIC), _value(p, metric)) for p in points)
+    pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
+    return np.array([x for x, _ in pairs]), np.array([y for _, y in pairs])
+
+
+def paired_matched_kl(runs, treatment: str, baseline: str, metric: str) -> Dict[int, float]:
+    out = {}
+    base = _by_seed(runs, baseline)
+    for seed, mine in _by_seed(runs, treatment).items():
+        x1, y1 = _curve(mine, metric)
+        x2, y2 = _curve(base.get(seed, []), metric)
+        if len(x1) < 2 or len(x2) < 2:
+            continue
+        low, high = max(x1[0], x2[0]), min(x1[-1], x2[-1])
+        if not low < high:
+            continue
+        grid = np.linspace(low, high, MATCH_POINTS)
+        out[seed] = float(np.mean(np.interp(grid, x1, y1) - np.interp(grid, x2, y2)))
+    return out
+
+
+def monotone_steps(runs, treatment: str, metric: str) -> List[Tuple[Any, Any, Dict[int, float]]]:
+    """(from value, to value, {seed: change}) for each step of increasing strength."""
+    by_seed = _by_seed(runs, treatment)
+    values = sorted({json.dumps(r["strength"]) for r in runs if r["label"] == treatment},
+                    key=lambda v: _strength_key(json.loads(v)))
+    steps = []
+    for a, b in zip(values, values[1:]):
+        changes = {}
+        for seed, members in by_seed.items():
+            at = {json.dumps(r["strength"]): r for r in members}
+            if a in at and b in at:
+                d = _value(at[b], metric) - _value(at[a], metric)
+                if not math.isnan(d):
+                    changes[seed] = d
+        steps.append((json.loads(a), json.loads(b), changes))
+    return steps
+
+
+def verdict_of(stat: Dict[str, float], expect: str) -> str:
+    if stat["n"] < 2 or math.isnan(stat["ci95"]):
+        return INCONCLUSIVE
+    low, high = stat["mean"] - stat["ci95"], stat["mean"] + stat["ci95"]
+    if expect == "lower":
+        return REPRODUCED if high < 0 else NOT_REPRODUCED if low > 0 else INCONCLUSIVE
+    return REPRODUCED if low > 0 else NOT_REPRODUCED if high < 0 else INCONCLUSIVE
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    if verdicts and all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    return NOT_REPRODUCED if NOT_REPRODUCED in verdicts else INCONCLUSIVE
+
+
+def _num(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:+.3f}"
+
+
+def _stat(stat: Dict[str, float]) -> str:
+    if stat["n"] == 0:
+        return "no paired value"
+    half = "" if math.isnan(stat["ci95"]) else f" ± {stat['ci95']:.3f}"
+    return f"{_num(stat['mean'])}{half} (n={stat['n']})"
+
+
+def evaluate_claim(claim: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The verdict and the numbers of one claim (module doc)."""
+    kind, treatment, baseline = claim["compare"], claim["treatment"], claim.get("baseline")
+    parts, verdicts, seeds = [], [], set()
+    for m in claim["metrics"]:
+        metric, expect = m["metric"], m["expect"]
+        if kind == "monotone":
+            step_verdicts = []
+            for a, b, changes in monotone_steps(runs, treatment, metric):
+                stat = ci95(list(changes.values()))
+                seeds |= set(changes)
+                step_verdicts.append(verdict_of(stat, expect))
+                parts.append(f"Δ{metric} {a}→{b}: {_stat(stat)}")
+            verdicts.append(combine(step_verdicts) if step_verdicts else INCONCLUSIVE)
+        else:
+            paired = (paired_matched_kl if kind == "matched_kl" else paired_same_strength)(runs, treatment, baseline, metric)
+            stat = ci95(list(paired.values()))
+            seeds |= set(paired)
+            verdicts.append(verdict_of(stat, expect))
+            parts.append(f"{metric} {treatment} − {baseline}: {_stat(stat)} (expected {expect})")
+    extra = []
+    if kind != "monotone":
+        for metric in [KL_METRIC] * (kind == "same_strength") + list(claim.get("report") or []):
+            stat = ci95(list(paired_same_strength(runs, treatment, baseline, metric).values()))
+            extra.append(f"{metric} {treatment} − {baseline} (same strength): {_stat(stat)}")
+    return {"id": claim["id"], "claim": claim["claim"], "compare": kind, "verdict": combine(verdicts),
+            "numbers": parts + extra, "seeds": sorted(seeds)}
+
+
+def render_results(summary: Dict[str, Any], source: str) -> str:
+    """``docs/results.md`` from a study summary (its ``summary.json``); ``source`` names that file."""
+    settings = summary["settings"]
+    runs = [r for r in summary["runs"] if r["label"] != REFERENCE_LABEL]
+    experiment = summary.get("experiment", {})
+    train = experiment.get("train", {})
+    lines = [
+        "# Which loss is better: the claims, run through dpo_zoo",
+        "",
+        "Generated by `python -m dpo_zoo.study_results` from the study's `summary.json`; do not edit by hand",
+        "(a test regenerates this file and checks it is byte-identical).",
+        "",
+        f"- study: `{summary['study_file']}` ({source}); command: `{summary['command']}`",
+        f"- model: `{experiment.get('model', {}).get('name_or_path', 'smollm2-135m-instruct')}`; "
+        f"train steps: {train.get('max_steps', 'default')}; LoRA: {train.get('lora', {}).get('enabled', False)}",
+        f"- reward: `{settings['reward']}`; evaluation: {settings['eval']['prompts']} held-out prompts × "
+        f"{settings['eval']['samples']} samples, ≤ {settings['eval']['max_new_tokens']} new tokens",
+        f"- seeds: {settings['seeds']} (paired: the same seeds for every loss); runs: {len(runs)}",
+        "- numbers: paired difference treatment − baseline, mean ± 95% t interval over seeds (n = seeds)",
+        "",
+        "| claim | verdict | comparison | numbers | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for claim in settings.get("claims", []):
+        result = evaluate_claim(claim, runs)
+        numbers = "<br>".join(result["numbers"]).replace("|", "\\|")
+        lines.append(f"| {result['claim']} | **{result['verdict']}** | {result['compare']} | {numbers} | "
+                     f"{', '.join(map(str, result['seeds'])) or '–'} |")
+    lines += ["", "How the comparisons and verdicts are made: `dpo_zoo/study_results.py` (module docstring)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(summary_path: str, output: str) -> str:
+    path = Path(summary_path)
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise StudyError(f"{path}: cannot read a study summary: {err}") from None
+    text = render_results(summary, path.name)
+    Path(output).write_text(text, encoding="utf-8")
+    return text
+
+
+if __name__ == "__main__":  # python -m dpo_zoo.study_results SUMMARY.json [OUTPUT.md]
+    import sys
+
+    args = sys.argv[1:]
+    if not args or len(args) > 2:
+        print("usage: python -m dpo_zoo.study_results STUDY_OUTPUT/summary.json [docs/results.md]", file=sys.stderr)
+        sys.exit(2)
+    write_results(args[0], args[1] if len(args) > 1 else "docs/results.md")

@@ -1,0 +1,146 @@
+"""dpo-zoo study, reduced: a tiny model, reward_pairs from a prompt file, 2 losses × 2 strengths × 2 seeds,
+end to end (plot, report, claims); a killed study resumes without retraining finished runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from dpo_zoo.config import ConfigError
+from dpo_zoo.study import ci95, distinct_n, load_study, run_study
+from dpo_zoo.study_results import render_results, write_results
+
+PROMPTS = ["The movie was", "I thought the film", "This is", "Honestly the plot", "The acting", "What a",
+           "The ending was", "Overall I", "The director", "My friends said", "The soundtrack", "It felt"]
+CLAIMS = [
+    {"id": "monotone", "claim": "DPO: higher beta, lower KL and reward", "compare": "monotone", "treatment": "dpo",
+     "metrics": [{"metric": "kl_rb", "expect": "lower"}, {"metric": "reward", "expect": "lower"}]},
+    {"id": "entropy", "claim": "H-DPO: lower entropy at matched KL", "compare": "matched_kl", "treatment": "h_dpo",
+     "baseline": "dpo", "metrics": [{"metric": "entropy_per_token", "expect": "lower"}], "report": ["accuracy"]},
+    {"id": "same", "claim": "H-DPO: lower KL at the same strength index", "compare": "same_strength",
+     "treatment": "h_dpo", "baseline": "dpo", "metrics": [{"metric": "kl_rb", "expect": "lower"}]},
+]
+
+
+def test_distinct_n_and_ci_by_hand():
+    assert distinct_n(["a b a", "a b"], 1) == 2 / 5  # unigrams a b a a b: 2 distinct of 5
+    assert distinct_n(["a b a", "a b"], 2) == 2 / 3  # bigrams (a b) (b a) (a b)
+    assert math.isnan(distinct_n(["a", ""], 2))
+    stat = ci95([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert stat["mean"] == 2.0 and stat["sd"] == 1.0 and stat["ci95"] == pytest.approx(4.303 / math.sqrt(3))
+
+
+@pytest.fixture()
+def study_file(tmp_path, tiny_model_dir, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    # A reward the tiny random model's text varies in (it writes byte soup): characters per token.
+    (tmp_path / "e_reward.py").write_text(textwrap.dedent("""
+        def share_of_e(prompts, completions):
+            return [len(c) / 6 for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    study = {
+        "study": {"output_dir": str(tmp_path / "study"), "seeds": [0, 1], "reward": "e_reward:share_of_e",
+                  "eval": {"prompts": 2, "samples": 4, "max_new_tokens": 6, "batch_size": 12},
+                  "losses": [{"label": "dpo", "loss": "dpo", "knob": "beta", "values": [0.1, 1.0]},
+                             {"label": "h_dpo", "loss": "h_dpo", "knob": "alpha", "values": [0.8, 0.95],
+                              "hparams": {"beta": 0.1}}],
+                  "claims": CLAIMS, "progress": False},
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"preprocessor": "reward_pairs", "heldout_fraction": 0.25,
+                 "options": {"prompts": str(tmp_path / "prompts.txt"), "reward": "e_reward:share_of_e",
+                             "samples_per_prompt": 3, "max_new_tokens": 6, "shard_prompts": 6, "batch_size": 6}},
+        "prep": {"output_dir": str(tmp_path / "study" / "prepared"), "max_length": 48, "max_prompt_length": 16,
+                 "progress": False},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "learning_rate": 0.005, "lr_schedule": "constant",
+                  "progress": False},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    yield path
+    sys.modules.pop("e_reward", None)
+
+
+def test_reduced_study_end_to_end_and_resumed_after_a_kill(study_file, tmp_path, monkeypatch, capsys):
+    import dpo_zoo.study as study_module
+
+    real_run_one, calls = study_module.run_one, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[2:])
+        return real_run_one(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "run_one", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(str(study_file))
+    out = tmp_path / "study"
+    finished = [out / "runs" / "dpo" / "beta=0.1" / f"seed{s}" for s in (0, 1)]
+    stamps = {p: ((p / "final").stat().st_mtime_ns, (p / "study_eval.json").read_text()) for p in finished}
+    monkeypatch.setattr(study_module, "run_one", real_run_one)
+    capsys.readouterr()
+
+    summary = run_study(str(study_file))
+    printed = capsys.readouterr().out
+    # The two finished runs were reused (not trained, not evaluated again), the other six trained.
+    assert printed.count("already trained with this config") == 2
+    for path, (mtime, evaluation) in stamps.items():
+        assert (path / "final").stat().st_mtime_ns == mtime and (path / "study_eval.json").read_text() == evaluation
+
+    runs = [r for r in summary["runs"] if r["label"] != "reference"]
+    assert len(runs) == 8 and sorted({(r["label"], r["strength"]) for r in runs}) == [
+        ("dpo", 0.1), ("dpo", 1.0), ("h_dpo", 0.8), ("h_dpo", 0.95)]
+    for run in runs:
+        assert run["n_samples"] == 8 and run["kl_rb"] >= 0 and math.isfinite(run["kl_mc"])
+        # The Rao–Blackwellized estimator's standard error is below the Monte Carlo one on the same samples.
+        assert run["kl_rb_se"] < run["kl_mc_se"] and run["rb_below_mc"] is True
+        assert 0 < run["distinct_2"] <= 1 and run["mean_length"] <= 6 and 0 <= run["accuracy"] <= 1
+        assert run["reward_se"] > 0
+    reference = [r for r in summary["runs"] if r["label"] == "reference"]
+    assert len(reference) == 2 and all(r["kl_rb"] == 0 and r["kl_mc"] == 0 for r in reference)
+
+    aggregates = {(a["label"], a["strength"]): a for a in summary["aggregates"]}
+    dpo = [r["reward"] for r in runs if r["label"] == "dpo" and r["strength"] == 0.1]
+    assert aggregates[("dpo", 0.1)]["reward"]["mean"] == pytest.approx(sum(dpo) / 2)
+
+    png = (out / "frontier.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "| dpo | beta=0.1 | 2 |" in (out / "summary.md").read_text()
+    assert len((out / "runs.csv").read_text().strip().splitlines()) == 1 + 10
+
+    # The claims table: generated from summary.json, the same bytes when generated again.
+    results = (out / "results.md").read_text()
+    assert write_results(str(out / "summary.json"), str(tmp_path / "again.md")) == results
+    assert results == render_results(json.loads((out / "summary.json").read_text()), "summary.json")
+    for claim in CLAIMS:
+        assert claim["claim"] in results
+    assert "dpo-zoo study" in results and "seeds: [0, 1]" in results
+
+
+def test_bad_study_files_name_the_key(tmp_path, study_file):
+    study = yaml.safe_load(study_file.read_text())
+    study["study"]["losses"][1]["knob"] = "gamma"
+    study["study"]["claims"][1]["baseline"] = "ipo"
+    study["study"]["eval"]["samples"] = 0
+    study["study"]["colour"] = 1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError) as err:
+        load_study(str(path))
+    message = str(err.value)
+    for part in ("`study.colour`: unknown key", "`study.eval.samples`: expected an integer >= 1",
+                 "`study.claims[1]`.baseline: 'ipo' is not a curve label"):
+        assert part in message
+    study["study"].pop("colour")
+    study["study"]["eval"]["samples"] = 2
+    study["study"]["claims"][1]["baseline"] = "dpo"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match="loss.gamma"):  # a knob the loss does not have, before any training
+        load_study(str(path))
