@@ -36,6 +36,10 @@ class CompareError(UserError, ValueError):
     """A subject and the held-out set cannot be compared (names the folder, the file and the field)."""
 
 
+class StudyError(UserError, ValueError):
+    """A study file or study output that cannot be used; the message names the key or file."""
+
+
 class LossInputError(UserError, ValueError):
     """A tensor a loss needs is missing or malformed; the message names it."""
 

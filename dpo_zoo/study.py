@@ -28,7 +28,7 @@ expectation over) with seed = the run's seed:
 * ``reward`` (± ``reward_se``): the mean ground-truth reward of the continuations;
 * ``kl_rb`` / ``kl_mc`` (± SE): the per-sequence KL(π‖π_ref), Rao–Blackwellized (the exact KL of each
   next-token distribution, summed along the sample) and Monte Carlo (Σ log π/π_ref of the sampled
-  tokens), both from :func:`dpo_zoo.compare.kl_samples` on the same samples; ``rb_below_mc`` records
+  tokens), both from :func:`dpo_zoo.drift.kl_samples` on the same samples; ``rb_below_mc`` records
   whether the RB standard error is the smaller;
 * ``entropy_per_token`` (policy entropy per sampled position), ``mean_length`` (tokens),
   ``distinct_1`` / ``distinct_2`` (unique word n-grams / all word n-grams over the run's continuations,
@@ -59,7 +59,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config import ConfigError, load_config, read_yaml
-from .errors import UserError
+from .errors import StudyError
+from .study_results import REFERENCE_LABEL, check_claims, ci95, write_results
 
 STUDY_DEFAULTS: Dict[str, Any] = {
     "output_dir": "studies/default",
@@ -72,13 +73,8 @@ STUDY_DEFAULTS: Dict[str, Any] = {
 }
 METRICS = ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2", "mean_length",
            "reward_length_corr", "accuracy")
-REFERENCE_LABEL = "reference"
 EVAL_FILE = "study_eval.json"
 EVAL_FORMAT = "dpo_zoo.study_eval.v1"
-
-
-class StudyError(UserError, ValueError):
-    """A study file or study output that cannot be used; the message names the key or file."""
 
 
 @dataclass
@@ -155,8 +151,6 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
     if not isinstance(settings["reward"], str) or not settings["reward"]:
         errors.append(f"{path}: `study.reward`: expected a reward spec (vader, a model folder, module:function)")
     curves = _curves(path, settings["losses"], errors)
-    from .study_results import check_claims
-
     errors += [f"{path}: {e}" for e in check_claims(settings["claims"], [c.label for c in curves], METRICS)]
     if errors:
         raise ConfigError(errors)
@@ -266,7 +260,9 @@ class Evaluator:
     def __init__(self, study: Study, cfg):
         import torch
 
-        from .compare import BaseModels, kl_prompt_ids, open_heldout
+        from .compare import open_heldout
+        from .compare_subjects import BaseModels
+        from .drift import kl_prompt_ids
         from .rewards import load_reward
 
         self.study, self.cfg = study, cfg
@@ -307,7 +303,7 @@ class Evaluator:
                 "run_dir": str(out), **record}
 
     def run(self, folder: Path, cfg, seed: int) -> Dict[str, Any]:
-        from .compare import load_policy, open_subject
+        from .compare_subjects import load_policy, open_subject
 
         run_file = folder / "run.json"
         subject = open_subject(str(folder), cfg, None)
@@ -337,7 +333,7 @@ class Evaluator:
         return metrics
 
     def _measure(self, policy, reference, tokenizer_folder: Path, seed: int) -> Dict[str, Any]:
-        from .compare import kl_samples, summarize_kl
+        from .drift import kl_samples, summarize_kl
 
         tokenizer = self.tokenizer(tokenizer_folder)
         s = self.settings
@@ -376,22 +372,6 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 
 # ==================================================================== aggregation and outputs
-
-# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def ci95(values: Sequence[float]) -> Dict[str, float]:
-    """Mean, SD and the half-width of the 95% t interval of the mean over ``values`` (NaNs dropped)."""
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
-    n = int(v.size)
-    if n == 0:
-        return {"mean": math.nan, "sd": math.nan, "ci95": math.nan, "n": 0}
-    sd = float(v.std(ddof=1)) if n > 1 else math.nan
-    t = T975[n - 2] if 2 <= n <= 31 else 1.96
-    return {"mean": float(v.mean()), "sd": sd, "ci95": t * sd / math.sqrt(n) if n > 1 else math.nan, "n": n}
-
 
 def aggregate(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per (label, strength): each metric's mean, SD and 95% CI over seeds, in grid order."""
@@ -434,8 +414,6 @@ def write_outputs(study: Study, records: List[Dict[str, Any]]) -> Dict[str, Any]
     (out / "summary.md").write_text(table + "\n")
     png = plot_frontier(rows, out / "frontier.png")
     write_html(study, table, png, out / "report.html")
-    from .study_results import write_results
-
     write_results(str(out / "summary.json"), str(out / "results.md"))
     print(table)
     print(f"[dpo-zoo study] {len(records)} runs; outputs in {out} (frontier.png, report.html, runs.csv, summary.json)")

@@ -37,7 +37,25 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .study import REFERENCE_LABEL, StudyError, ci95
+from .errors import StudyError
+
+REFERENCE_LABEL = "reference"  # the reference model's own evaluation in a study's runs (KL 0)
+# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, SD and the half-width of the 95% t interval of the mean over ``values`` (NaNs dropped)."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    n = int(v.size)
+    if n == 0:
+        return {"mean": math.nan, "sd": math.nan, "ci95": math.nan, "n": 0}
+    sd = float(v.std(ddof=1)) if n > 1 else math.nan
+    t = T975[n - 2] if 2 <= n <= 31 else 1.96
+    return {"mean": float(v.mean()), "sd": sd, "ci95": t * sd / math.sqrt(n) if n > 1 else math.nan, "n": n}
+
+
 
 COMPARISONS = ("matched_kl", "same_strength", "monotone")
 EXPECT = ("lower", "higher")
