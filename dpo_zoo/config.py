@@ -184,6 +184,15 @@ class TrainConfig:
     # A finished run with the same config is reused (not retrained) unless this is true.
     overwrite: bool = False
     progress: bool = True
+    # Where metrics go besides logs.jsonl (always written): a name or a list of names among
+    # tensorboard (into <output_dir>/tensorboard), wandb, mlflow, trackio; none for none. wandb, mlflow
+    # and trackio are optional extras (pip install 'dpo_zoo[wandb]'); their own environment variables
+    # (WANDB_MODE, WANDB_DIR, MLFLOW_TRACKING_URI, TRACKIO_DIR, ...) apply. See dpo_zoo/tracking.py.
+    report_to: Any = "tensorboard"
+    # The W&B project, MLflow experiment or Trackio project the run is reported to.
+    project: str = "dpo_zoo"
+    # The run's name in those trackers; null: the name of output_dir.
+    run_name: Optional[str] = None
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -377,6 +386,8 @@ KEY_ALIASES = {
     "max_prompt_length": "prep.max_prompt_length",
     "max_length": "prep.max_length",
     "precompute_ref_log_probs": "train.reference",
+    "report_to": "train.report_to",
+    "run_name": "train.run_name",
 }
 
 
@@ -489,6 +500,13 @@ def _check_values(cfg: DictConfig) -> List[str]:
         errors.append(f"`data.heldout_fraction`: must be in [0, 1), got {cfg.data.heldout_fraction}")
     if cfg.train.keep_checkpoints is not None and cfg.train.keep_checkpoints < 1:
         errors.append(f"`train.keep_checkpoints`: must be >= 1 (or null: keep all), got {cfg.train.keep_checkpoints}")
+    from .tracking import report_to_names
+
+    try:
+        report_to_names(OmegaConf.to_container(cfg.train.report_to) if isinstance(cfg.train.report_to, ListConfig)
+                        else cfg.train.report_to)
+    except ValueError as err:
+        errors.append(f"`train.report_to`: {err}")
     if cfg.train.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         errors.append(f"`train.deepspeed.zero_stage`: must be 0, 1, 2 or 3, got {cfg.train.deepspeed.zero_stage}")
     if cfg.prep.max_prompt_length is not None and cfg.prep.max_prompt_length >= cfg.prep.max_length:

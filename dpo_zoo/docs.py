@@ -186,8 +186,10 @@ def zero_margin_text() -> List[str]:
 
 
 def metrics_markdown() -> str:
-    lines = ["# Metrics", "", GENERATED, "", "## Training (`logs.jsonl`, TensorBoard)", "",
-             "Names follow TRL's DPO trainer; new ones are namespaced.", "", "| name | meaning |", "|---|---|"]
+    lines = ["# Metrics", "", GENERATED, "", "## Training (`logs.jsonl` and the trackers of `train.report_to`)", "",
+             "Names follow TRL's DPO trainer; new ones are namespaced. TensorBoard, Weights & Biases, MLflow "
+             "and Trackio receive the same names at the same steps as `logs.jsonl` (no `train/` or `eval/` "
+             "prefix is added).", "", "| name | meaning |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in TRAINING_METRICS.items()]
     lines += ["", "## Comparison (`dpo-zoo compare`: summary.json, summary.md, report.html)", "",
               "| name | meaning |", "|---|---|"]

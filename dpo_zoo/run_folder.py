@@ -2,7 +2,7 @@
 
     config.yaml     the resolved config of the last run started here
     logs.jsonl      one JSON record per logged step / evaluation / event (appended)
-    tensorboard/    the same scalars for TensorBoard
+    tensorboard/    the same scalars for TensorBoard (train.report_to=tensorboard, the default)
     checkpoints/    DeepSpeed checkpoints with a checksummed manifest each (``step-0000010``, ...;
                     ``latest`` names the newest verified one): see :mod:`dpo_zoo.checkpoints`
     final/          the trained weights (``save_pretrained``: full model, or the LoRA adapter alone)
@@ -38,7 +38,7 @@ RUN_RECORD_FIELDS = ("loss", "loss_hparams", "base_model")
 # a finished run is reused, and a checkpoint resumed (also in a moved or copied run folder), whatever
 # their values.
 WATCH_ONLY_SETTINGS = ("output_dir", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                       "overwrite", "resume")
+                       "overwrite", "resume", "report_to", "project", "run_name")
 
 
 class RunFolderError(UserError, ValueError):

@@ -44,7 +44,6 @@ from .run_folder import (
     FINAL_DIR,
     LOGS_FILE,
     RUN_FILE,
-    TENSORBOARD_DIR,
     finished_run_changes,
     identity_changes,
     training_identity,
@@ -56,7 +55,8 @@ from .run_folder import (
 
 @dataclass
 class Run:
-    """Where this process stands: distributed rank, device, output folder, loggers."""
+    """Where this process stands: distributed rank, device, output folder, loggers (logs.jsonl and
+    the trackers of ``train.report_to``, :mod:`dpo_zoo.tracking`)."""
 
     rank: int
     world_size: int
@@ -64,7 +64,7 @@ class Run:
     device: torch.device
     output_dir: Path
     log_file: Any = None
-    tensorboard: Any = None
+    trackers: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -75,17 +75,14 @@ class Run:
             return
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
-        if self.tensorboard is not None:
-            step = record.get("step", 0)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tensorboard.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _free_port() -> int:
@@ -116,6 +113,9 @@ def init_distributed() -> Tuple[int, int, int]:
 def setup_run(cfg) -> Run:
     from deepspeed.accelerator import get_accelerator
 
+    from .tracking import open_trackers
+
+    trackers = open_trackers(cfg, as_dict(cfg))  # every rank: a missing tracker package stops them all
     rank, world, local_rank = init_distributed()
     accelerator = get_accelerator()
     device = torch.device("cpu") if accelerator.device_name() == "cpu" else torch.device(accelerator.device_name(local_rank))
@@ -125,12 +125,7 @@ def setup_run(cfg) -> Run:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, output_dir / CONFIG_FILE)
         run.log_file = open(output_dir / LOGS_FILE, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            run.tensorboard = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
-        except ImportError:  # tensorboard is an install requirement; tolerate its absence anyway
-            run.tensorboard = None
+        run.trackers = trackers
     torch.manual_seed(cfg.train.seed)
     return run
 
