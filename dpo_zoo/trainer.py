@@ -584,7 +584,8 @@ def _resume(engine, run: Run, cfg, identity: Dict[str, Any]) -> int:
 
 
 def save_final(engine, tokenizer, cfg, run: Run, train_set, source, reference_mode: str, metrics) -> None:
-    """``save_pretrained`` (safetensors; the adapter alone for LoRA), tokenizer, and run.json.
+    """``save_pretrained`` (safetensors; the adapter alone for LoRA), tokenizer, run.json, and the Hub
+    model card ``final/README.md`` (:mod:`dpo_zoo.model_card`).
 
     ``base_model`` is the folder the policy started from; ``base_model_source`` says where that folder
     came from (``name_or_path``, and for a Hub model the ``revision`` asked for and the ``commit`` it
@@ -610,9 +611,15 @@ def save_final(engine, tokenizer, cfg, run: Run, train_set, source, reference_mo
             "prepared_set": str(train_set.path),
             "cache_key": train_set.key,
             "metrics": metrics,
+            "steps": int(engine.global_steps),
+            "train_pairs": len(train_set),
+            "world_size": run.world_size,
             "config": as_dict(cfg),
         }
-        write_run_record(run.output_dir, record)
+        from .model_card import write_model_card
+
+        write_model_card(final_dir, json.loads(json.dumps(record, default=str)))
+        write_run_record(run.output_dir, record)  # last: it marks the run finished
         print(f"[dpo-zoo train] saved {final_dir}")
     if run.world_size > 1:
         torch.distributed.barrier()
