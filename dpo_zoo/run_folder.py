@@ -6,6 +6,7 @@
     checkpoints/    DeepSpeed checkpoints with a checksummed manifest each (``step-0000010``, ...;
                     ``latest`` names the newest verified one): see :mod:`dpo_zoo.checkpoints`
     final/          the trained weights (``save_pretrained``: full model, or the LoRA adapter alone)
+    final/README.md the Hub model card (:mod:`dpo_zoo.model_card`)
     run.json        written last: the loss, its hyperparameters, the base model, the reference mode, the
                     prepared set and its cache key, the final metrics, and the resolved config
 
