@@ -197,7 +197,7 @@ def newest_verified(root: Path, run) -> Optional[Verified]:
     def find() -> Optional[Verified]:
         for leftover in sorted(Path(root).glob(INCOMPLETE_PREFIX + "*")) + sorted(Path(root).glob(REPLACED_PREFIX + "*")):
             _remove_tree(leftover)
-            _say(run, f"removed {leftover}: a checkpoint save that did not finish")
+            _say(f"removed {leftover}: a checkpoint save that did not finish")
         rejected = []
         for step, folder in checkpoint_folders(root):
             manifest, problems = verify(folder)
@@ -205,7 +205,7 @@ def newest_verified(root: Path, run) -> Optional[Verified]:
                 return Verified(folder=folder, tag=folder.name, step=step, identity=manifest["identity"])
             rejected.append((folder, problems))
             for problem in problems:
-                _say(run, f"checkpoint {folder} skipped: {problem}")
+                _say(f"checkpoint {folder} skipped: {problem}")
             run.log({"event": "checkpoint_skipped", "step": step, "folder": str(folder), "problems": problems})
         if rejected:
             listing = "\n".join(f"  - {folder}: {'; '.join(problems)}" for folder, problems in rejected)
@@ -283,7 +283,7 @@ def _remove_tree(path: Path) -> None:
         path.unlink()
 
 
-def _say(run, message: str) -> None:
+def _say(message: str) -> None:
     print(f"[dpo-zoo train] {message}", file=sys.stderr, flush=True)
 
 

@@ -395,7 +395,10 @@ def hparam_type_problems(config_cls: type, values: Mapping[str, Any]) -> Dict[st
     of the type its field in the ``config_cls`` dataclass declares (``Optional[X]`` also accepts
     ``None``). Checked before the dataclass is built, so ``beta="abc"`` is named as a wrong type
     rather than failing inside a range check."""
-    hints = typing.get_type_hints(config_cls)
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # a plugin's annotation that does not resolve: its Config validates on its own
+        return {}
     problems = {}
     for name, value in values.items():
         if name not in hints:
