@@ -174,6 +174,8 @@ def _fill(batch: PairBatch, model: str, chosen: CompletionLogps, rejected: Compl
         setattr(batch, f"{model}_{side}_logps", out.sums())
         if Need.VOCAB_LOGPS in wants and out.vocab_logps is not None:
             setattr(batch, f"{model}_{side}_vocab_logps", out.vocab_logps)
+        if out.log_sq_mass is not None:
+            setattr(batch, f"{model}_{side}_log_sq_mass", out.log_sq_mass)
 
 
 def pair_batch(
@@ -196,7 +198,8 @@ def pair_batch(
     vocab = Need.VOCAB_LOGPS in wants
     n = collated.n_pairs
     out = completion_logps(
-        policy, collated.input_ids, collated.attention_mask, collated.completion_start, vocab=vocab, logits_mean=logits_mean
+        policy, collated.input_ids, collated.attention_mask, collated.completion_start, vocab=vocab,
+        logits_mean=logits_mean, sq_mass=Need.SQUARED_PROB_MASS in wants,
     )
     chosen, rejected = out.split(n)
     batch = PairBatch(chosen_mask=chosen.mask, rejected_mask=rejected.mask)

@@ -82,10 +82,12 @@ class Verified:
 # ==================================================================== saving
 
 
-def save(engine, root: Path, step: int, identity: Dict[str, Any], run, keep: Optional[int] = None) -> Path:
+def save(engine, root: Path, step: int, identity: Dict[str, Any], run, keep: Optional[int] = None,
+         extra_state: Optional[Dict[str, Any]] = None) -> Path:
     """Write the checkpoint of ``step`` atomically (see the module docstring); every rank calls it.
 
-    ``run`` supplies ``is_main``, ``world_size`` and ``log``. Returns the checkpoint folder.
+    ``run`` supplies ``is_main``, ``world_size`` and ``log``; ``extra_state`` (tensors, numbers) is stored
+    beside the step and handed back by :func:`load`. Returns the checkpoint folder.
     """
     root = Path(root)
     tag = tag_for(step)
@@ -94,7 +96,8 @@ def save(engine, root: Path, step: int, identity: Dict[str, Any], run, keep: Opt
         root.mkdir(parents=True, exist_ok=True)
         _remove_tree(root / temp_tag)  # left by a save of this step that was killed
     _barrier(run)
-    engine.save_checkpoint(str(root), tag=temp_tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(root), tag=temp_tag, client_state={**(extra_state or {}), "step": step},
+                           save_latest=False)
 
     def commit() -> None:  # on the main rank, once every rank's files are written
         temp = root / temp_tag
@@ -219,8 +222,9 @@ def newest_verified(root: Path, run) -> Optional[Verified]:
     return _on_main_then_share(run, find)
 
 
-def load(engine, found: Verified) -> None:
-    """Load a verified checkpoint into ``engine`` on every rank, by its tag."""
+def load(engine, found: Verified) -> Dict[str, Any]:
+    """Load a verified checkpoint into ``engine`` on every rank, by its tag; returns its client state
+    (the step and what :func:`save` was given as ``extra_state``)."""
     try:
         path, client_state = engine.load_checkpoint(str(found.folder.parent), tag=found.tag)
     except CheckpointError:
@@ -229,6 +233,7 @@ def load(engine, found: Verified) -> None:
         raise CheckpointError(f"checkpoint {found.folder} verified but could not be loaded: {_describe(err)}") from None
     if path is None or int((client_state or {}).get("step", -1)) != found.step:
         raise CheckpointError(f"checkpoint {found.folder} verified but DeepSpeed found no state for step {found.step} in it")
+    return dict(client_state)
 
 
 # ==================================================================== helpers

@@ -59,7 +59,7 @@ from .compare_subjects import (  # noqa: F401
     _unique_labels,
 )
 from .errors import CacheError, CompareError
-from .losses import Loss, LossInputError, Need, build_loss, get_loss_entry, registered_losses
+from .losses import POLICY_NEEDS, Loss, LossInputError, Need, build_loss, get_loss_entry, registered_losses
 from .drift import kl_prompt_ids, kl_samples, summarize_kl
 from .compare_report import INPUTS_FILE, compare_inputs, report_is_current
 from .metrics import functions as M
@@ -109,8 +109,8 @@ def missing_inputs(loss: Loss, provides, live_reference: bool) -> List[str]:
     """The needs of ``loss`` that neither the prepared set nor a live reference can serve."""
     missing = []
     for need in sorted(loss.requires, key=str):
-        if need is Need.GENERATOR:
-            continue  # compare seeds one
+        if need is Need.GENERATOR or need in POLICY_NEEDS:
+            continue  # compare seeds a generator; the policy pass serves the policy's own values
         if need in LOGPS_NEEDS and live_reference:
             continue  # the policy pass gives the policy side, the live reference the rest
         if need not in provides:

@@ -412,6 +412,7 @@ def _omegaconf_message(err: Exception) -> str:
 def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]) -> Optional[Dict[str, Any]]:
     """Build the ``loss`` section: its name (preset file or registered name) and checked hparams."""
     from .losses import LossConfigError, get_loss_entry, load_loss_plugin
+    from .losses.options import OPTION_KEYS
 
     name, hparams, plugin = "dpo", {}, None
     hparam_sources: Dict[str, str] = {}
@@ -455,7 +456,7 @@ def _resolve_loss_section(entries: List[Tuple[str, str, Any]], errors: List[str]
     expanded = entry.expand_shared(hparams)
     hparam_sources = {k: hparam_sources.get(k) or hparam_sources.get(k.partition(".")[2], "") for k in expanded}
     hparams = expanded
-    known = set(entry.defaults())
+    known = set(entry.defaults()) | set(OPTION_KEYS)  # options any loss takes (use_weighting, sync_ref_model, ...)
     for key in sorted(set(hparams) - known):
         errors.append(
             f"{hparam_sources[key]}: `loss.{key}`: unknown hyperparameter of loss '{name}' "

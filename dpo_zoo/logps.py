@@ -27,7 +27,8 @@ class CompletionLogps:
     ``token_logps`` [N,T] (0 on padding), ``mask`` [N,T] (1 on completion tokens), ``labels`` [N,T]
     (the completion token ids, 0 on padding), and when asked: ``vocab_logps`` [N,T,V], ``topk_logps``
     and ``topk_ids`` [N,T,K] with ``rest_logmass`` [N,T] = log(1 − Σ_topk p), and ``logits_mean``
-    [N] (mean logit over completion positions and vocabulary, logged as TRL's ``logits/chosen``).
+    [N] (mean logit over completion positions and vocabulary, logged as TRL's ``logits/chosen``), and
+    ``log_sq_mass`` [N,T] = ``log Σ_v π(v|·)²`` per completion position (WPO's weights; 0 on padding).
     """
 
     token_logps: torch.Tensor
@@ -38,6 +39,7 @@ class CompletionLogps:
     topk_ids: Optional[torch.Tensor] = None
     rest_logmass: Optional[torch.Tensor] = None
     logits_mean: Optional[torch.Tensor] = None
+    log_sq_mass: Optional[torch.Tensor] = None
 
     def sums(self) -> torch.Tensor:
         """Summed completion log-probs [N]."""
@@ -93,12 +95,14 @@ def completion_logps(
     vocab: bool = False,
     topk: int = 0,
     logits_mean: bool = False,
+    sq_mass: bool = False,
     row_chunk: int = 4,
 ) -> CompletionLogps:
     """Run ``model`` once on ``input_ids`` [N,L] and return completion log-probs (see module doc).
 
     ``vocab=True`` also returns the full log-softmax [N,T,V] at completion positions (differentiable);
-    ``topk=k`` returns the top-k reference distribution per position plus the leftover mass (no grad).
+    ``topk=k`` returns the top-k reference distribution per position plus the leftover mass (no grad);
+    ``sq_mass=True`` returns ``log Σ_v π(v)² = logsumexp(2·logits) − 2·logsumexp(logits)`` (no grad).
     Computation is in at least fp32 whatever the model's dtype. Gradients flow when the caller has
     them enabled (training); wrap in ``torch.inference_mode()`` for reference passes.
 
@@ -124,7 +128,7 @@ def completion_logps(
     kept_labels = torch.cat([input_ids[:, first + 1 :], input_ids[:, :1]], dim=1)  # last column: unused
     kept_positions = (positions - first).clamp(min=0)
 
-    token_chunks, vocab_chunks, topk_chunks, mean_chunks = [], [], [], []
+    token_chunks, vocab_chunks, topk_chunks, mean_chunks, sq_chunks = [], [], [], [], []
     for chunk_logits, chunk_labels, chunk_pos, chunk_mask in zip(
         logits.split(row_chunk), kept_labels.split(row_chunk), kept_positions.split(row_chunk), mask.split(row_chunk)
     ):
@@ -145,6 +149,10 @@ def completion_logps(
                     # log(1 − exp(top_mass)) without cancellation; clamp avoids log(0) when top-k is all.
                     rest = torch.log(-torch.expm1(top_mass.clamp(max=-1e-12)))
                     topk_chunks.append((top_values, top_ids, rest))
+        if sq_mass:
+            with torch.no_grad():
+                per_position = torch.logsumexp(2.0 * chunk_logits.detach(), dim=-1) - 2.0 * log_norm.detach()
+                sq_chunks.append(torch.gather(per_position, 1, chunk_pos) * chunk_mask)
         if logits_mean:
             with torch.no_grad():
                 m = chunk_mask.to(chunk_logits.dtype)
@@ -164,4 +172,6 @@ def completion_logps(
         result.rest_logmass = torch.cat([c[2] for c in topk_chunks])
     if logits_mean:
         result.logits_mean = torch.cat(mean_chunks)
+    if sq_mass:
+        result.log_sq_mass = torch.cat(sq_chunks) if sq_chunks else result.token_logps.new_zeros(n_rows, width)
     return result

@@ -38,6 +38,7 @@ from .config import as_dict, loss_hparams, save_resolved
 from .engine import build_engine
 from .errors import CacheError, TrainingError
 from .losses import Loss, LossOutput, Need, build_loss
+from .losses.options import soft_update
 from .run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -218,6 +219,19 @@ def choose_reference(cfg, loss: Loss, train_set) -> str:
     if not loss.needs_reference:
         return "none"
     mode = cfg.train.reference
+    if loss.reference_sync is not None:  # a reference that moves (TR-DPO): only a live copy can follow it
+        if mode == "cache":
+            raise TrainingError(
+                f"loss '{loss.name}' updates its reference during training (loss.sync_ref_model=true), so reference "
+                "log-probs cannot come from the prepared set; train with train.reference=live (or auto)"
+            )
+        if cfg.train.lora.enabled:
+            raise TrainingError(
+                f"loss '{loss.name}' updates its reference during training (loss.sync_ref_model=true), but with LoRA "
+                "the reference is the base model under the adapter, not a copy that can move; train without LoRA "
+                "or set loss.sync_ref_model=false"
+            )
+        return "live"
     if not train_set.has_reference and mode != "live":
         raise TrainingError(
             f"loss '{loss.name}' needs reference log-probs ({', '.join(cache_reference_fields(loss))}), which the "
@@ -442,7 +456,8 @@ def train(cfg) -> Path:
     engine = build_engine(cfg, policy, run.world_size)
     reference = build_reference(cfg, engine.module, model_path, reference_mode, run)
     watch = GradientWatch(engine.module.parameters())
-    start_step = _resume(engine, run, cfg, identity)
+    sync = loss.reference_sync  # a reference that moves: updated after its steps, saved with checkpoints
+    start_step = _resume(engine, run, cfg, identity, reference[0] if sync is not None else None)
     t = cfg.train
     max_steps = t.max_steps
     if t.epochs:
@@ -497,6 +512,8 @@ def train(cfg) -> Path:
                 learning_rate = engine.get_lr()[0]
                 own_norm = _grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
             engine.step()
+        if sync is not None and sync.due(step + 1):
+            soft_update(reference[0], engine.module, sync.alpha)
         elapsed = time.perf_counter() - started
         step_metrics = _mean_over_ranks(step_metrics, run)
         step_metrics["grad_norm"] = own_norm if own_norm is not None else float(engine.get_global_grad_norm())
@@ -512,7 +529,8 @@ def train(cfg) -> Path:
         if heldout is not None and t.eval_every and done % t.eval_every == 0 and done < max_steps:
             run.log({"step": done, **evaluate(engine, loss, heldout, cfg, run, pad_id, reference)})
         if t.save_every and done % t.save_every == 0 and done < max_steps:
-            _save_checkpoint(engine, run, done, identity, keep=t.keep_checkpoints)
+            _save_checkpoint(engine, run, done, identity, keep=t.keep_checkpoints,
+                             moving_reference=reference[0] if sync is not None else None)
     bar.close()
 
     # ---- evaluate and save
@@ -553,16 +571,22 @@ def _clear_previous_run(run: Run) -> None:
         torch.distributed.barrier()
 
 
+REFERENCE_STATE = "moving_reference"  # the client-state key of a TR-DPO reference in a checkpoint
+
+
 def _checkpoint_root(run: Run) -> Path:
     return run.output_dir / CHECKPOINT_DIR
 
 
-def _save_checkpoint(engine, run: Run, step: int, identity: Dict[str, Any], keep: Optional[int] = None) -> None:
-    """Atomic, checksummed, verified before ``latest`` moves (:mod:`dpo_zoo.checkpoints`)."""
-    checkpoints.save(engine, _checkpoint_root(run), step, identity, run, keep=keep)
+def _save_checkpoint(engine, run: Run, step: int, identity: Dict[str, Any], keep: Optional[int] = None,
+                     moving_reference=None) -> None:
+    """Atomic, checksummed, verified before ``latest`` moves (:mod:`dpo_zoo.checkpoints`). A reference that
+    moves during training (TR-DPO) is saved with it, so a resumed run continues from the same reference."""
+    extra = {} if moving_reference is None else {REFERENCE_STATE: moving_reference.state_dict()}
+    checkpoints.save(engine, _checkpoint_root(run), step, identity, run, keep=keep, extra_state=extra)
 
 
-def _resume(engine, run: Run, cfg, identity: Dict[str, Any]) -> int:
+def _resume(engine, run: Run, cfg, identity: Dict[str, Any], moving_reference=None) -> int:
     """The step of the newest checkpoint that verifies (damaged ones are reported and skipped), loaded
     into ``engine``; 0 without one."""
     root = _checkpoint_root(run)
@@ -576,7 +600,12 @@ def _resume(engine, run: Run, cfg, identity: Dict[str, Any]) -> int:
             "not give the run this config asks for. Set train.overwrite=true to start over, train.resume=false "
             "to ignore the checkpoint, or choose another train.output_dir"
         )
-    checkpoints.load(engine, found)
+    state = checkpoints.load(engine, found)
+    if moving_reference is not None:
+        if REFERENCE_STATE not in state:
+            raise TrainingError(f"the checkpoint {found.folder} holds no reference weights, which this run moves "
+                                "(loss.sync_ref_model=true); set train.overwrite=true to start over")
+        moving_reference.load_state_dict(state[REFERENCE_STATE])
     if run.is_main:
         print(f"[dpo-zoo train] resumed from {found.folder} at step {found.step}")
         run.log({"event": "resume", "step": found.step, "checkpoint": found.tag})

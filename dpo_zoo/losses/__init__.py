@@ -12,6 +12,7 @@ path (``loss.plugin=pkg.module`` in a config).
 
 from .base import (
     NEED_FIELDS,
+    POLICY_NEEDS,
     Loss,
     LossConfigError,
     LossInputError,
@@ -41,6 +42,7 @@ from . import mixture  # noqa: E402,F401  (names a+b+...: mixtures of the above)
 
 __all__ = [
     "NEED_FIELDS",
+    "POLICY_NEEDS",
     "Loss",
     "LossConfigError",
     "LossInputError",

@@ -39,6 +39,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optio
 import torch
 
 from ..errors import LossConfigError, LossInputError  # defined with the other user errors
+from .options import OPTION_KEYS, LossOptions, ReferenceSync, wpo_weights
 
 
 class Need(str, enum.Enum):
@@ -52,6 +53,7 @@ class Need(str, enum.Enum):
     SOFT_LABELS = "soft_labels"  # per-pair probability that chosen is preferred
     BEHAVIOR_LOGPS = "behavior_logps"  # summed log-probs of the policy that generated the data
     GENERATOR = "generator"  # a random generator (or seed)
+    SQUARED_PROB_MASS = "squared_prob_mass"  # the policy's per-token log Σ_v π(v)² (WPO's weights)
 
     def __str__(self) -> str:  # for tables and error messages
         return self.value
@@ -88,7 +90,11 @@ NEED_FIELDS: Dict[Need, Tuple[str, ...]] = {
     Need.SOFT_LABELS: ("soft_label",),
     Need.BEHAVIOR_LOGPS: ("behavior_chosen_logps", "behavior_rejected_logps"),
     Need.GENERATOR: ("generator",),
+    Need.SQUARED_PROB_MASS: ("policy_chosen_log_sq_mass", "policy_rejected_log_sq_mass", "chosen_mask", "rejected_mask"),
 }
+
+# Needs the policy's own forward pass serves (never the prepared set, never the reference).
+POLICY_NEEDS = frozenset({Need.SQUARED_PROB_MASS})
 
 
 @dataclass
@@ -129,6 +135,9 @@ class PairBatch:
     soft_label: Optional[torch.Tensor] = None
     behavior_chosen_logps: Optional[torch.Tensor] = None
     behavior_rejected_logps: Optional[torch.Tensor] = None
+
+    policy_chosen_log_sq_mass: Optional[torch.Tensor] = None  # [B,T]: log Σ_v π_θ(v|·)² per position
+    policy_rejected_log_sq_mass: Optional[torch.Tensor] = None
 
     generator: Optional[torch.Generator] = None
     seed: Optional[int] = None
@@ -266,6 +275,7 @@ class Loss:
     implementation_notes: ClassVar[str] = ""
 
     name: str = ""  # the registered name this instance was built under
+    options: LossOptions = LossOptions()  # use_weighting, sync_ref_model, ... (dpo_zoo.losses.options)
 
     def __init__(self, config: Any = None, **hparams: Any):
         if config is None:
@@ -302,12 +312,33 @@ class Loss:
                 out.append(name)
         return out
 
+    @property
+    def reference_sync(self) -> Optional[ReferenceSync]:
+        """A reference the trainer must move during training (TR-DPO, ``sync_ref_model``), or None."""
+        if not self.options.sync_ref_model:
+            return None
+        return ReferenceSync(alpha=float(self.options.ref_model_mixup_alpha), every=int(self.options.ref_model_sync_steps))
+
+    def set_options(self, options: LossOptions) -> "Loss":
+        """Apply the loss-independent options; their needs join the loss's."""
+        if options.sync_ref_model and not self.needs_reference:
+            raise LossConfigError(f"loss '{self.name}': sync_ref_model moves the reference, but this loss reads none")
+        self.options = options
+        if options.use_weighting:
+            self.requires = frozenset(self.requires) | {Need.SQUARED_PROB_MASS}
+        return self
+
     def components(self) -> List[Tuple[str, "Loss"]]:
         """``(name, loss)`` of the parts this loss sums (a mixture); a plain loss has none."""
         return []
 
     def __call__(self, batch: PairBatch) -> LossOutput:
-        return self.forward(batch)
+        out = self.forward(batch)
+        if self.options.use_weighting:  # WPO: each pair's loss times w(y_w)·w(y_l), no gradient through w
+            weights = wpo_weights(batch)
+            out.losses = out.losses * weights.to(out.losses.dtype)
+            out.metrics["wpo_weight"] = weights
+        return out
 
     def forward(self, batch: PairBatch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -340,6 +371,7 @@ class RegisteredLoss:
         return out
 
     def build(self, **hparams: Any) -> Loss:
+        options = {k: hparams.pop(k) for k in list(hparams) if k in OPTION_KEYS}
         known = {f.name for f in fields(self.cls.Config)}
         unknown = sorted(set(hparams) - known)
         if unknown:
@@ -359,7 +391,7 @@ class RegisteredLoss:
             raise LossConfigError(f"loss '{self.name}': {err}") from None
         loss = self.cls(config)
         loss.name = self.name
-        return loss
+        return apply_options(loss, options)
 
     # The same interface as a mixture's entry (dpo_zoo.losses.mixture.MixtureEntry), which config and
     # compare use without asking which kind of entry they hold.
@@ -368,11 +400,25 @@ class RegisteredLoss:
         return dict(hparams)
 
     def type_problems(self, values: Mapping[str, Any]) -> Dict[str, str]:
-        return hparam_type_problems(self.cls.Config, values)
+        return {**hparam_type_problems(self.cls.Config, values), **hparam_type_problems(LossOptions, values)}
 
     def components(self, hparams: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
         """The parts a mixture is made of, with their hyperparameters (a plain loss: none)."""
         return []
+
+
+def apply_options(loss: Loss, values: Mapping[str, Any]) -> Loss:
+    """``loss`` with the options in ``values`` (keys of :class:`LossOptions`), checked."""
+    if not values:
+        return loss
+    wrong = hparam_type_problems(LossOptions, values)
+    if wrong:
+        raise LossConfigError(f"loss '{loss.name}': " + "; ".join(f"`{k}`: {p}" for k, p in wrong.items()))
+    try:
+        options = LossOptions(**values)
+    except (TypeError, ValueError) as err:
+        raise LossConfigError(f"loss '{loss.name}': {err}") from None
+    return loss.set_options(options)
 
 
 # What each declared hyperparameter type accepts, and how an error names it. A bool is not taken for a
@@ -598,7 +644,7 @@ def check_shapes(batch: PairBatch) -> None:
         if shape[0] != pairs:
             raise LossInputError(f"`{name}` has {shape[0]} pairs (shape {list(shape)}) but `{first}` has {pairs} "
                                  f"(shape {list(shapes[first])}); all inputs describe the same B pairs")
-        per_token = "token_logps" in name or name.endswith(("_mask", "_labels")) or "_topk_" in name \
+        per_token = "token_logps" in name or name.endswith(("_mask", "_labels", "_log_sq_mass")) or "_topk_" in name \
             or "_vocab_" in name or name.endswith("_rest_logmass")
         expected_dims = 3 if ("_vocab_" in name or "_topk_" in name) else 2 if per_token else 1
         if len(shape) != expected_dims:

@@ -28,7 +28,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Loss, LossConfigError, LossOutput, PairBatch, RegisteredLoss, add_name_resolver
+from .base import (Loss, LossConfigError, LossOutput, PairBatch, RegisteredLoss, add_name_resolver, apply_options,
+                   hparam_type_problems)
+from .options import OPTION_KEYS, LossOptions
 
 SEPARATOR = "+"
 
@@ -112,9 +114,10 @@ class MixtureEntry:
         """Shared keys (no part prefix, not ``weights``) become ``<part>.<key>`` for every part that has
         the key; a part's own setting wins. Keys no part has are kept as they are (and reported as
         unknown by the caller)."""
-        out = {k: v for k, v in hparams.items() if "." in k or k == "weights"}
+        top_level = ("weights", *OPTION_KEYS)  # the mixture's own keys, not its parts'
+        out = {k: v for k, v in hparams.items() if "." in k or k in top_level}
         for key, value in hparams.items():
-            if "." in key or key == "weights":
+            if "." in key or key in top_level:
                 continue
             owners = [p.name for p in self.parts if key in p.defaults()]
             if not owners:
@@ -127,13 +130,14 @@ class MixtureEntry:
         problems = {}
         if "weights" in values:
             weights = values["weights"]
-            if not isinstance(weights, (list, tuple)) or len(weights) != len(self.parts) or not all(
+            if not isinstance(weights, Sequence) or isinstance(weights, str) or len(weights) != len(self.parts) or not all(
                     isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
                 problems["weights"] = (f"expected a list of {len(self.parts)} finite numbers (one per part: "
                                        f"{', '.join(p.name for p in self.parts)}), got {weights!r}")
         for part, own in self._split(values):
             for key, problem in part.type_problems(own).items():
                 problems[f"{part.name}.{key}"] = problem
+        problems.update(hparam_type_problems(LossOptions, values))
         return problems
 
     def _split(self, values: Mapping[str, Any]) -> List[Tuple[RegisteredLoss, Dict[str, Any]]]:
@@ -151,6 +155,7 @@ class MixtureEntry:
 
     def build(self, **hparams: Any) -> MixtureLoss:
         values = self.expand_shared(hparams)
+        options = {k: values.pop(k) for k in list(values) if k in OPTION_KEYS}
         known = set(self.defaults())
         unknown = sorted(set(values) - known)
         if unknown:
@@ -168,7 +173,7 @@ class MixtureEntry:
         parts = [(part.name, part.build(**own)) for part, own in self._split(values)]
         loss = MixtureLoss(parts, weights)
         loss.name = self.name
-        return loss
+        return apply_options(loss, options)
 
 
 def mixture_entry(name: str, lookup) -> Optional[MixtureEntry]:
