@@ -167,3 +167,19 @@ def test_a_resumed_sync_run_continues_from_the_saved_reference(tiny_prepared, tm
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_a_wpo_run_trains_logs_its_weights_and_compares_from_the_cache(tiny_prepared, tmp_path):
+    from dpo_zoo.compare import run_compare
+
+    out = tmp_path / "wpo"
+    train(load_config([], [*tiny_prepared, "loss=dpo", "loss.use_weighting=true", f"train.output_dir={out}"]))
+    steps = [r for r in map(json.loads, open(out / "logs.jsonl")) if "loss" in r]
+    # Weights are products of two exp(mean log-ratio to the policy's own Σπ²): positive, and well
+    # below 1 for a random tiny model whose probability is spread over its vocabulary.
+    assert steps and all(0 < r["loss/wpo_weight"] < 1 for r in steps)
+    heldout = [o.split("=", 1)[1] for o in tiny_prepared if o.startswith("prep.output_dir=")][0]
+    cfg = load_config([], [*tiny_prepared, "compare.kl_samples=0"])
+    summary = run_compare(cfg, runs=[str(out)], data=heldout, output_dir=str(tmp_path / "cmp"))
+    (entry,) = summary["entries"]
+    assert entry["reference"] == "cache" and math.isfinite(entry["metrics"]["loss"])
