@@ -224,6 +224,14 @@ def checkpoints_markdown() -> str:
                       f"Manifest format: `{checkpoints.FORMAT}`."]) + "\n"
 
 
+def study_markdown() -> str:
+    from . import rewards, study, study_results
+
+    return "\n".join(["# Which loss is better: `dpo-zoo study`", "", GENERATED, "", study.__doc__.strip(), "",
+                      "## The claims table", "", study_results.__doc__.strip(), "", "## Rewards", "",
+                      rewards.__doc__.strip()]) + "\n"
+
+
 def generated_docs() -> Dict[Path, str]:
     return {
         DOCS / "losses.md": losses_markdown(),
@@ -231,6 +239,7 @@ def generated_docs() -> Dict[Path, str]:
         DOCS / "metrics.md": metrics_markdown(),
         DOCS / "cache.md": cache_markdown(),
         DOCS / "checkpoints.md": checkpoints_markdown(),
+        DOCS / "study.md": study_markdown(),
     }
 
 

@@ -368,7 +368,8 @@ def _reward_sampler(cfg: Any, model_path: Path, tokenizer: Any):
     return ShardedSampler(model_path, tokenizer, weights=weights_fingerprint(model_path, memo_root=cache_root(cfg.model)),
                           tokenizer_hash=tokenizer_fingerprint(tokenizer),
                           work_dir=Path(cfg.prep.output_dir).expanduser() / "generations",
-                          dtype=str(cfg.prep.dtype), progress=bool(cfg.prep.progress))
+                          dtype=str(cfg.prep.dtype), progress=bool(cfg.prep.progress),
+                          device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _tokenize(cfg: Any, context: _Context) -> Dict[str, List[TokenizedPair]]:

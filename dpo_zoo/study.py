@@ -267,7 +267,7 @@ class Evaluator:
 
         self.study, self.cfg = study, cfg
         self.settings = dict(study.settings["eval"])
-        self.device = torch.device("cpu")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.heldout = open_heldout(str(Path(cfg.prep.output_dir).expanduser() / "heldout"))
         if len(self.heldout) == 0:
             raise StudyError(f"{self.heldout.path}: the held-out set has no pairs to draw prompts from")

@@ -20,6 +20,7 @@ EXERCISED = {
     "dpo-zoo train configs/experiments/hh_smollm2.yaml loss=sampo loss.beta=0.05": "test_readme_prep_train_compare",
     "dpo-zoo compare runs/demo/dpo runs/demo/sampo runs/demo/tie_dpo --data prepared/demo/heldout": "test_demo_script_end_to_end",
     "dpo-zoo compare runs/demo/dpo --data prepared/demo/heldout --losses all": "test_readme_prep_train_compare",
+    "dpo-zoo study configs/experiments/sentiment_frontier.yaml": "tests/test_study.py (the same study, reduced; the config loads)",
     "bash launch/single_node.sh": "tests/test_distributed.py (2 processes under this script's launcher command)",
     "HOSTFILE=launch/hostfile bash launch/multi_node.sh": "test_launch_scripts_parse_and_fail_clearly",
     "sbatch --nodes=2 launch/slurm.sbatch": "test_launch_scripts_parse_and_fail_clearly",

@@ -144,3 +144,16 @@ def test_bad_study_files_name_the_key(tmp_path, study_file):
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match="loss.gamma"):  # a knob the loss does not have, before any training
         load_study(str(path))
+
+
+@pytest.mark.parametrize("name", ["sentiment_frontier", "sentiment_frontier_gpu"])
+def test_shipped_study_configs_load(name, tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    study = load_study(str(repo / "configs" / "experiments" / f"{name}.yaml"), [f"study.output_dir={tmp_path}"])
+    labels = [c.label for c in study.curves]
+    assert len(labels) == 11 and len(study.settings["claims"]) == 11 and len(study.settings["seeds"]) >= 3
+    cfg = study.config()
+    assert cfg.data.preprocessor == "reward_pairs" and cfg.data.options.reward == study.settings["reward"] == "vader"
+    assert cfg.prep.topk > 0  # Ra-DPO and TDPO train from the cached reference distribution
