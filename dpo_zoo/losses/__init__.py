@@ -38,6 +38,14 @@ from . import sampo  # noqa: E402,F401
 from . import h_dpo  # noqa: E402,F401
 from . import ra_dpo  # noqa: E402,F401
 from . import tie_dpo  # noqa: E402,F401
+from . import robust  # noqa: E402,F401
+from . import discopop  # noqa: E402,F401
+from . import pointwise  # noqa: E402,F401
+from . import apo  # noqa: E402,F401
+from . import aot  # noqa: E402,F401
+from . import length  # noqa: E402,F401
+from . import sft  # noqa: E402,F401
+from . import reference_free  # noqa: E402,F401
 from . import mixture  # noqa: E402,F401  (names a+b+...: mixtures of the above)
 
 __all__ = [

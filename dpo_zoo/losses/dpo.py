@@ -45,6 +45,7 @@ class DPOConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
 
 
+@register_loss("sigmoid")
 @register_loss("dpo")
 class DPOLoss(Loss):
     """DPO: ``L = −(1−ε) log σ(β h) − ε log σ(−β h)`` (ε = 0 is DPO, ε > 0 is cDPO).

@@ -158,3 +158,35 @@ class FDPOLoss(Loss):
             rejected_rewards=(cfg.beta * rejected_f).detach(),
             metrics=metrics,
         )
+
+
+# ====================================================================== f-divergence scores for other losses
+#
+# TRL lets every loss built on the chosen−rejected score difference (its sigmoid, sigmoid_norm, hinge, ipo,
+# exo_pair, robust and discopop) swap the log-ratio for an f-divergence score. The losses of this package
+# that share that structure take the same three hyperparameters as f-DPO, validated here.
+
+
+def check_divergence(config) -> None:
+    """Validate (and canonicalise) ``config.divergence``, ``config.alpha`` and ``config.exp_cap`` as
+    :class:`FDPOConfig` does (paper α convention: TRL's ``f_alpha_divergence_coef`` is ``1 − alpha``)."""
+    config.divergence = DIVERGENCE_ALIASES.get(config.divergence, config.divergence)
+    if config.divergence not in DIVERGENCES:
+        raise ValueError(
+            f"divergence must be one of {', '.join(DIVERGENCES)} (or the aliases "
+            f"{', '.join(DIVERGENCE_ALIASES)}), got {config.divergence!r}"
+        )
+    if not 0.0 < config.alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1] (paper convention), got {config.alpha}")
+    if not (0.0 < config.exp_cap <= 88.0):
+        raise ValueError(f"exp_cap must be in (0, 88] (e^88.7 overflows fp32), got {config.exp_cap}")
+
+
+def divergence_scores(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, config):
+    """``(s_w, s_l)`` = ``f'(u) − f'(1)`` of each side's log-ratio (the log-ratio itself for reverse KL)."""
+    if config.divergence == "reverse_kl":
+        return chosen_ratio, rejected_ratio
+    return (
+        f_prime_shifted(chosen_ratio, config.divergence, config.alpha, config.exp_cap),
+        f_prime_shifted(rejected_ratio, config.divergence, config.alpha, config.exp_cap),
+    )

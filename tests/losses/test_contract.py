@@ -36,6 +36,10 @@ DPO_REDUCTIONS = {
     "dpo_rk": {"nu_rk": 1.0},
     "dpo_davidson": {"nu_d": 0.0},
     "dpo_ties_as_wins": {},
+    "sigmoid": {},  # TRL's name for DPO
+    "robust": {"label_smoothing": 0.0},  # no flips assumed
+    "ld_dpo": {"ld_alpha": 1.0},  # every token counts fully
+    "rpo": {"alpha": 0.0},  # no NLL term
 }
 NO_DPO_REDUCTION = {
     "ipo": "a squared loss (Azar et al.), not a likelihood",
@@ -48,6 +52,20 @@ NO_DPO_REDUCTION = {
     "tdpo": "adds the sequential-KL term δ",
     "tdpo1": "adds the sequential-KL term δ",
     "tdpo2": "adds the sequential-KL term δ₂",
+    "discopop": "blends the logistic loss with an exponential one by σ(βh/τ)",
+    "exo_pair": "the reverse KL to the smoothed labels, minimised at σ(βh) = 1 − ε, not a likelihood",
+    "nca_pair": "scores each reward against 0 as well as the margin",
+    "bco_pair": "a binary classifier on each reward, not on the margin",
+    "sppo_hard": "a squared regression of each log-ratio on ±1/(2β)",
+    "apo_zero": "anchors each reward at 0; not a function of the margin alone",
+    "apo_down": "anchors the chosen reward at 0; not a function of the margin alone",
+    "aot": "sorts margins over the batch (distributional dominance)",
+    "aot_unpaired": "sorts each side's log-ratios over the batch",
+    "sigmoid_norm": "divides each log-ratio by its length; DPO with β/|y| only at equal lengths",
+    "sft": "no preference term at all",
+    "simpo": "no reference; average log-probs and a margin γ",
+    "cpo": "no reference; adds an NLL term",
+    "orpo": "no reference; odds ratio plus NLL",
 }
 
 B, T, V = 4, 6, 11
