@@ -2,6 +2,8 @@
 
 * ``docs/losses.md``: the loss table (exactly what ``dpo-zoo losses`` prints) plus, per loss family,
   where the implementation follows the paper rather than the official code;
+* ``docs/loss_maths.md``: every loss family's maths, paper, hyperparameters and defaults, from the
+  loss classes' own docstrings (so the maths lives next to the code that computes it);
 * ``docs/papers.md``: the paper index, each paper mapped to its registered names and the preset
   configs (``configs/loss/*.yaml``) that reproduce its or its official code's settings;
 * ``docs/metrics.md``: the glossary of training and comparison metrics;
@@ -37,8 +39,8 @@ def losses_markdown() -> str:
         GENERATED,
         "",
         "Every registered name, as `dpo-zoo losses` prints it. Pick one with `loss=<name>` and set a",
-        "hyperparameter with `loss.<name>=<value>`; the full math, defaults and sources are in each",
-        "loss's docstring, with its paper ([papers.md](papers.md)).",
+        "hyperparameter with `loss.<name>=<value>`; the full maths, defaults and sources of each are in",
+        "[loss_maths.md](loss_maths.md).",
         "",
         format_loss_table(loss_table_rows()),
         "",
@@ -79,6 +81,73 @@ def _module_doc(module: str) -> List[str]:
 
     text = inspect.getdoc(importlib.import_module(module)) or ""
     return text.split("\n\n", 1)[-1].replace("``", "`").splitlines()
+
+
+LOSS_CONVENTIONS = """\
+## Conventions
+
+Every loss sees a batch of ``B`` preference pairs ``(x, y_w, y_l)``: a prompt, the preferred
+("chosen") response and the other ("rejected") one.
+
+* ``log π(y|x)`` is the *sum* of the response tokens' log-probabilities under a model π; the policy
+  π_θ is trained, the reference π_ref is frozen (most often the model training started from).
+  ``|y|`` is the number of response tokens.
+* ``ℓ_θ(y) = log π_θ(y|x) − log π_ref(y|x)`` is a response's log-ratio, and ``h = ℓ_θ(y_w) − ℓ_θ(y_l)``
+  the pair's margin in log-ratio units. DPO's implicit reward is ``r(y) = β ℓ_θ(y)``.
+* ``σ`` is the logistic function; ``−log σ(z) = log(1 + e^{−z})`` is computed as a softplus.
+* Each loss returns one value per pair; training minimises their mean (weighted by a per-pair weight
+  when the data has one). It also returns per-pair chosen and rejected rewards (detached, for
+  logging and for `dpo-zoo compare`) and ``win_prob``, the loss's own probability that ``y_w`` is
+  preferred.
+* A loss declares what it needs (summed log-probs, per-token log-probs with masks, whole-vocabulary
+  log-probs, tie flags, weights, a random generator); a loss that needs **no reference** says so, and
+  then no reference model is loaded and no reference values are read.
+* Log-probs are combined in at least float32; bf16 inputs are upcast first.
+"""
+
+
+def loss_maths_markdown() -> str:
+    """Each loss family: its registered names, paper, maths (the class docstring), hyperparameters (the
+    config docstring) with each name's defaults, and needs. Complete over the registry by construction."""
+    import inspect
+
+    from .losses import registered_losses
+    from .losses.base import describe_needs
+
+    families: Dict[type, List[str]] = defaultdict(list)
+    for name, entry in sorted(registered_losses().items()):
+        families[entry.cls].append(name)
+    lines = [
+        "# The losses: maths, sources, defaults",
+        "",
+        GENERATED,
+        "",
+        "Written from the docstrings of the loss classes in `dpo_zoo/losses/`, one section per class.",
+        "The table of names is [losses.md](losses.md); the papers and preset configs are [papers.md](papers.md).",
+        "",
+        LOSS_CONVENTIONS,
+    ]
+    for cls, names in sorted(families.items(), key=lambda item: item[1][0]):
+        entries = registered_losses()
+        any_loss = entries[names[0]].build()
+        lines += [f"## {', '.join(f'`{n}`' for n in names)}", ""]
+        lines += [f"**Paper:** {cls.paper}, arXiv:{cls.arxiv} (https://arxiv.org/abs/{cls.arxiv}).", ""]
+        lines += [inspect.getdoc(cls) or "", ""]
+        config_doc = inspect.getdoc(cls.Config) or ""
+        if config_doc and not config_doc.startswith(cls.Config.__name__ + "("):  # dataclasses' generated doc
+            prefix = "" if config_doc.lower().startswith("hyperparameters") else "**Hyperparameters.** "
+            lines += [prefix + config_doc, ""]
+        lines += ["| name | defaults |", "|---|---|"]
+        for name in names:
+            defaults = ", ".join(f"{k}={v}" for k, v in entries[name].defaults().items()) or "none"
+            lines.append(f"| `{name}` | {defaults} |")
+        described = describe_needs(entries[names[0]])
+        needs = ", ".join(n for n in described if n != "no reference")
+        reference = "" if any_loss.needs_reference else "; **no reference model** (none is loaded or read)"
+        lines += ["", f"**Needs:** {needs}{reference}.", ""]
+        if cls.implementation_notes:
+            lines += [f"**Paper or official code:** {' '.join(cls.implementation_notes.split())}", ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _preset_source(path: Path) -> str:
@@ -235,6 +304,7 @@ def study_markdown() -> str:
 def generated_docs() -> Dict[Path, str]:
     return {
         DOCS / "losses.md": losses_markdown(),
+        DOCS / "loss_maths.md": loss_maths_markdown(),
         DOCS / "papers.md": papers_markdown(),
         DOCS / "metrics.md": metrics_markdown(),
         DOCS / "cache.md": cache_markdown(),

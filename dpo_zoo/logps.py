@@ -4,7 +4,7 @@ Prep (the reference pass), train (the policy and a live reference) and compare a
 :func:`completion_logps`. Sequences are ``prompt + completion`` token ids, right-padded; row ``i``'s
 completion starts at ``completion_start[i]``. The output is aligned to completion tokens: column ``j``
 of row ``i`` is ``log π(y_j | x, y_<j)`` for the token at input position ``completion_start[i] + j``,
-read from the logits at position ``completion_start[i] + j − 1`` (the causal shift, spec §0).
+read from the logits at position ``completion_start[i] + j − 1`` (the causal shift; docs/loss_maths.md, conventions).
 
 Memory: the full ``log_softmax`` over the vocabulary is never built for the whole batch; token
 log-probs are ``logit[label] − logsumexp(logits)`` computed over row chunks, and vocabulary-level

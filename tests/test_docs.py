@@ -30,3 +30,26 @@ def test_paper_index_names_every_paper_of_the_registry():
     text = (REPO_ROOT / "docs" / "papers.md").read_text()
     for entry in registered_losses().values():
         assert f"arXiv:{entry.cls.arxiv}" in text
+
+
+def test_loss_maths_covers_every_registered_name_with_its_formula_paper_and_defaults():
+    """docs/loss_maths.md is where the maths lives: every name has a section with its paper (arXiv id),
+    a formula (a docstring that states the loss, ``L = …`` or a displayed block) and its defaults."""
+    from dpo_zoo.losses import registered_losses
+
+    text = (REPO_ROOT / "docs" / "loss_maths.md").read_text()
+    sections = text.split("\n## ")[1:]
+    for name, entry in registered_losses().items():
+        section = next((s for s in sections if f"`{name}`" in s.split("\n", 1)[0]), None)
+        assert section is not None, f"docs/loss_maths.md has no section for {name}"
+        assert f"arXiv:{entry.cls.arxiv}" in section, name
+        assert "L = " in section or "L_" in section or "::" in section, f"{name}: no formula in its section"
+        defaults = ", ".join(f"{k}={v}" for k, v in entry.defaults().items()) or "none"
+        assert f"| `{name}` | {defaults} |" in section, f"{name}: defaults missing"
+
+
+def test_no_tracked_code_or_doc_points_outside_the_repository_for_the_maths():
+    for path in list((REPO_ROOT / "dpo_zoo").rglob("*.py")) + list((REPO_ROOT / "docs").glob("*.md")) + [REPO_ROOT / "README.md"]:
+        text = path.read_text()
+        for outside in ("shared/spec", "spec §", "../shared"):
+            assert outside not in text, f"{path} refers to {outside!r}; the maths is in docs/loss_maths.md"

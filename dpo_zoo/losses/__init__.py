@@ -1,4 +1,5 @@
-"""The loss registry: every DPO-family loss dpo_zoo implements (docs/losses.md), one file per family.
+"""The loss registry: every registered loss, one file per family; the maths, sources and
+defaults of each are in ``docs/loss_maths.md`` (generated from the docstrings by ``python -m dpo_zoo.docs``).
 
 Use a loss from tensors::
 

@@ -14,11 +14,13 @@ share a batch (as TRL's, per device micro-batch).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .base import Loss, LossOutput, Need, PairBatch, register_loss, upcast
-from .dpo import DPOConfig, margin_output
+from .dpo import check_beta, margin_output
 
 
 def _smoothed_logistic(delta: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
@@ -26,8 +28,22 @@ def _smoothed_logistic(delta: torch.Tensor, beta: float, eps: float) -> torch.Te
     return -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
+@dataclass
+class AOTConfig:
+    """``beta`` (β) = 0.1 and ``label_smoothing`` (ε ∈ [0, 0.5], a cDPO-style smoothing of the
+    dominance violation) = 0: TRL's defaults."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+
+
 class _AOTLoss(Loss):
-    Config = DPOConfig
+    Config = AOTConfig
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Melnyk et al., Distributional Preference Alignment of LLMs via Optimal Transport, NeurIPS 2024"
     arxiv = "2406.05882"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from .base import Loss, LossOutput, Need, PairBatch, register_loss
-from .dpo import IPOConfig, margin_output
+from .dpo import BetaConfig, margin_output
 
 
 class _APOLoss(Loss):
-    Config = IPOConfig
+    Config = BetaConfig
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "D'Oosterlinck et al., Anchored Preference Optimization and Contrastive Revisions, 2024"
     arxiv = "2408.06266"

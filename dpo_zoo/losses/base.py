@@ -4,7 +4,7 @@ A loss is a small class with a typed hyperparameter dataclass (``Config``) and o
 
     PairBatch -> LossOutput(losses[B], chosen_rewards[B], rejected_rewards[B], metrics)
 
-Per-pair losses are returned; the caller reduces (mean by default, spec §0). A loss *declares* what it
+Per-pair losses are returned; the caller reduces (mean by default; docs/loss_maths.md, conventions). A loss *declares* what it
 needs (``requires`` / ``optional``, a set of :class:`Need`), and the trainer, the cache and compare read
 those declarations; nothing outside ``dpo_zoo.losses`` asks which loss it has.
 
@@ -215,7 +215,7 @@ class PairBatch:
         return torch.where(mask.bool(), tokens, torch.zeros_like(tokens)).sum(-1)
 
     def log_ratios(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``ℓ_θ(y_w), ℓ_θ(y_l)`` with ``ℓ_θ(y) = log π_θ(y|x) − log π_ref(y|x)`` (spec §0), in at least fp32."""
+        """``ℓ_θ(y_w), ℓ_θ(y_l)`` with ``ℓ_θ(y) = log π_θ(y|x) − log π_ref(y|x)`` (docs/loss_maths.md, conventions), in at least fp32."""
         chosen = upcast(self.sequence_logps("policy", "chosen")) - upcast(
             self.sequence_logps("reference", "chosen")
         )
@@ -593,7 +593,7 @@ def compute_loss(name: str, **tensors_and_hparams: Any) -> LossOutput:
     """Functional entry point for people who already have log-probs.
 
     Keyword arguments named like :class:`PairBatch` fields are tensors; every other keyword is a
-    hyperparameter of the loss, by its spec name. Example::
+    hyperparameter of the loss, by its documented name. Example::
 
         out = compute_loss("dpo", policy_chosen_logps=pc, policy_rejected_logps=pr,
                            reference_chosen_logps=rc, reference_rejected_logps=rr, beta=0.1)

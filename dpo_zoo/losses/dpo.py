@@ -1,4 +1,4 @@
-"""DPO (sigmoid) with conservative label smoothing, plus IPO and hinge as context losses (spec §1).
+"""DPO (sigmoid) with conservative label smoothing, plus IPO and hinge as context losses.
 
 Rafailov et al., *Direct Preference Optimization: Your Language Model is Secretly a Reward Model*,
 NeurIPS 2023, arXiv:2305.18290, Eq. 7. IPO: Azar et al., arXiv:2310.12036, Eq. 17. Hinge: SLiC
@@ -75,6 +75,16 @@ class DPOLoss(Loss):
 
 
 @dataclass
+class BetaConfig:
+    """``beta`` (β, the scale of the implicit reward ``r(y) = β ℓ_θ(y)``) = 0.1, TRL's default."""
+
+    beta: float = 0.1
+
+    def __post_init__(self):
+        check_beta(self.beta)
+
+
+@dataclass
 class IPOConfig:
     """``beta`` (τ in Azar et al.; the regression target is ``1/(2τ)``), default 0.1."""
 
@@ -89,7 +99,7 @@ class IPOLoss(Loss):
     """IPO (context loss): ``L = (h − 1/(2τ))²`` with τ = ``beta``, on **summed** log-probs.
 
     This is the DPO repo's and the IS-DAA repo's form. TRL and SamPO's trainer instead divide each
-    sequence log-ratio by its token count first (spec §1); to train that form, pass per-token-averaged
+    sequence log-ratio by its token count first; to train that form, pass per-token-averaged
     log-probs as the sequence log-probs. Rewards ``β ℓ_θ(y)``.
 
     Paper: Azar et al., *A General Theoretical Paradigm to Understand Learning from Human
@@ -120,7 +130,7 @@ class HingeLoss(Loss):
     Paper: Zhao et al., *SLiC-HF: Sequence Likelihood Calibration with Human Feedback*, arXiv:2305.10425.
     """
 
-    Config = IPOConfig
+    Config = BetaConfig
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Zhao et al., SLiC-HF: Sequence Likelihood Calibration with Human Feedback, 2023"
     arxiv = "2305.10425"

@@ -1,4 +1,4 @@
-"""f-DPO: DPO under f-divergence constraints (spec §2).
+"""f-DPO: DPO under f-divergence constraints.
 
 Wang, Jiang, Yang, Liu, Chen, *Beyond Reverse KL: Generalizing Direct Preference Optimization with
 Diverse Divergence Constraints*, ICLR 2024, arXiv:2309.16240. Official code:
@@ -40,7 +40,7 @@ def capped_expm1(z: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def f_prime_shifted(log_ratio: torch.Tensor, divergence: str, alpha: float, exp_cap: float) -> torch.Tensor:
-    """``f'(u) − f'(1)`` at ``u = exp(log_ratio)``, in the stable forms of spec §2's table.
+    """``f'(u) − f'(1)`` at ``u = exp(log_ratio)``, in numerically stable forms:
 
     * reverse KL: ``ℓ``;
     * forward KL: ``1 − e^{−ℓ}``;
@@ -69,7 +69,7 @@ class FDPOConfig:
       ``alpha_divergence`` (the official spellings) are accepted and stored as ``js`` / ``alpha``.
     * ``alpha`` (α) = 0.5, the *paper's* convention, ``0 < α ≤ 1``; read only by ``alpha``. The
       official code asserts ``0 < α < 1``; α = 1 is accepted here because it is exactly forward KL
-      (the spec asks for that to be testable). TRL ≥ 0.29 uses ``α_TRL = 1 − α``; TRL 0.9.6–0.28 uses the paper's α.
+      (the limit the tests check). TRL ≥ 0.29 uses ``α_TRL = 1 − α``; TRL 0.9.6–0.28 uses the paper's α.
     * ``exp_cap`` = 50.0: the largest exponent evaluated exactly (forward KL and α-divergence compute
       ``e^{−αℓ}``, which overflows fp32 at ``−αℓ ≈ 88.7`` although summed log-ratios reach hundreds).
       Past the cap the exponential continues along its tangent (:func:`capped_expm1`). With 50,

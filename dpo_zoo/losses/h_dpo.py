@@ -1,4 +1,4 @@
-"""H-DPO: entropy-controllable DPO (spec §5).
+"""H-DPO: entropy-controllable DPO.
 
 Omura, Fujita, Kataoka, *Entropy Controllable Direct Preference Optimization*, arXiv:2411.07595
 (ICML 2025 workshop). No official code was found.

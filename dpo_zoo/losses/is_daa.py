@@ -1,4 +1,4 @@
-"""IS-DAA: importance-sampled direct alignment (spec §3).
+"""IS-DAA: importance-sampled direct alignment.
 
 Nguyen et al., *Mitigating Reward Over-optimization in Direct Alignment Algorithms with Importance
 Sampling*, NeurIPS 2025, arXiv:2506.08681. Code treated as official: mail-research/AIS-Sampling4DAAs@34029a0

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Loss, LossOutput, Need, PairBatch, register_loss
-from .dpo import IPOConfig, check_beta, margin_output
+from .dpo import BetaConfig, check_beta, margin_output
 
 
 @register_loss("nca_pair")
@@ -36,7 +36,7 @@ class NCAPairLoss(Loss):
     TRL: ``loss_type="nca_pair"``.
     """
 
-    Config = IPOConfig
+    Config = BetaConfig
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Chen et al., Noise Contrastive Alignment of Language Models with Explicit Rewards, NeurIPS 2024"
     arxiv = "2402.05369"
@@ -119,7 +119,7 @@ class SPPOHardLoss(Loss):
     Paper: Wu et al., 2024, arXiv:2405.00675, Eq. 4.7. TRL: ``loss_type="sppo_hard"``.
     """
 
-    Config = IPOConfig
+    Config = BetaConfig
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Wu et al., Self-Play Preference Optimization for Language Model Alignment, 2024"
     arxiv = "2405.00675"

@@ -1,4 +1,4 @@
-"""Ra-DPO (risk-aware DPO under nested risk measures) and TDPO (token-level DPO) (spec §6).
+"""Ra-DPO (risk-aware DPO under nested risk measures) and TDPO (token-level DPO).
 
 Zhang, Li, Qi, Song, Yang, Wang, Wei, *Risk-aware Direct Preference Optimization under Nested Risk
 Measure*, NeurIPS 2025, arXiv:2505.20359 (Eqs. 14–21, Algorithm 1). Official code:
@@ -340,8 +340,8 @@ class RaDPOLoss(Loss):
     rewards, following the code, do not add up to ``m``.
 
     Not implemented: the official non-default ``is_cal_risk_distribution_logps`` path (undocumented in
-    the paper, unused by its configs; spec §6). Batch reduction: per-pair losses; the official code
-    sums over the micro-batch (spec §0).
+    the paper, unused by its configs). Batch reduction: per-pair losses; the official code
+    sums over the micro-batch.
     Paper: Zhang et al., NeurIPS 2025, arXiv:2505.20359, Eqs. 17, 19, 21; TDPO: Zeng et al., ICML 2024,
     arXiv:2404.11999.
     """

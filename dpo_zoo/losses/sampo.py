@@ -1,4 +1,4 @@
-"""SamPO: DPO with a down-sampled KL term, removing DPO's bias towards longer responses (spec §4).
+"""SamPO: DPO with a down-sampled KL term, removing DPO's bias towards longer responses.
 
 Lu, Li, An, Zhao, He, Yin, Sun, *Eliminating Biased Length Reliance of Direct Preference Optimization
 via Down-Sampled KL Divergence*, EMNLP 2024, arXiv:2406.10957: the sampled loss is Eq. 10, the

@@ -1,4 +1,4 @@
-"""Tie-aware DPO: DPO-RK (Rao–Kupper) and DPO-D (Davidson), plus the ties-as-wins baseline (spec §7).
+"""Tie-aware DPO: DPO-RK (Rao–Kupper) and DPO-D (Davidson), plus the ties-as-wins baseline.
 
 Chen, Yang, Lin, Mei, Lyu, Byrne, *On Extending Direct Preference Optimization to Accommodate Ties*,
 NeurIPS 2025, arXiv:2409.17431. No official code exists.

@@ -11,7 +11,7 @@ Conventions (every function):
   A mismatch in length is a :class:`MetricInputError` naming the argument.
 * A metric over an empty set of pairs (e.g. accuracy when every pair is a tie) is ``nan``, never a
   made-up 0; :func:`json_ready` turns ``nan`` into ``None`` for JSON.
-* ``margin`` is a loss's implicit reward difference ``r(y_w) − r(y_l)`` (for DPO ``β h``, spec §0);
+* ``margin`` is a loss's implicit reward difference ``r(y_w) − r(y_l)`` (for DPO ``β h``; docs/loss_maths.md, conventions);
   ``win_prob`` is the loss's predicted ``P(y_w ≻ y_l)``; ``is_tie`` marks pairs the annotators could not
   separate, whose chosen/rejected order is arbitrary, so ordinary accuracy is not defined on them.
 """
