@@ -28,9 +28,7 @@ from .sft import check_reduction, chosen_nll, mean_token_logps
 class ReferenceFreeLoss(Loss):
     """A loss that reads only the policy: declares that it needs no reference."""
 
-    @property
-    def needs_reference(self) -> bool:
-        return False
+    reference_free = True
 
 
 def _check_smoothing(label_smoothing: float) -> None:

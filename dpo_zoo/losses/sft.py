@@ -82,9 +82,7 @@ class SFTLoss(Loss):
     arxiv = "2411.10442"
     implementation_notes = "Chosen-response token mean over the batch, as TRL's sft loss; no reference."
 
-    @property
-    def needs_reference(self) -> bool:
-        return False
+    reference_free = True
 
     def forward(self, batch: PairBatch) -> LossOutput:
         losses = chosen_nll(batch, self.config.nll_reduction)
