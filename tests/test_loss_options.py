@@ -183,3 +183,14 @@ def test_a_wpo_run_trains_logs_its_weights_and_compares_from_the_cache(tiny_prep
     summary = run_compare(cfg, runs=[str(out)], data=heldout, output_dir=str(tmp_path / "cmp"))
     (entry,) = summary["entries"]
     assert entry["reference"] == "cache" and math.isfinite(entry["metrics"]["loss"])
+
+
+def test_sync_under_zero3_equals_zero0(tiny_prepared, tmp_path):
+    """ZeRO-3 partitions the policy's parameters; the soft update gathers them first, so the run (whose
+    later losses depend on the moved reference) gives the weights of an unpartitioned one."""
+    finals = {stage: train(load_config([], [*tiny_prepared, *SYNC, "train.learning_rate=1e-3",
+                                             f"train.deepspeed.zero_stage={stage}", f"train.output_dir={tmp_path / str(stage)}"]))
+              for stage in (0, 3)}
+    a, b = load_file(str(finals[0] / "model.safetensors")), load_file(str(finals[3] / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
