@@ -18,7 +18,13 @@ Shared losses (dpo_zoo name ← TRL): dpo/sigmoid ← sigmoid; hinge ← hinge; 
 f_dpo_forward_kl / f_dpo_js / f_dpo_alpha ← sigmoid with f_divergence_type (mapped); robust; exo_pair;
 nca_pair; bco_pair; sppo_hard; aot; aot_unpaired; apo_zero; apo_down; discopop; sigmoid_norm; sft
 (mapped rewards); ld_dpo ← sigmoid with ld_alpha; rpo ← [sigmoid, sft] with loss_weights (mapped);
-cpo, simpo ← CPOTrainer; orpo ← ORPOTrainer.
+cpo, simpo ← CPOTrainer; orpo ← ORPOTrainer; mixtures ``a+b`` with ``weights`` ← ``loss_type`` lists
+with ``loss_weights`` (MPO = sigmoid+bco_pair+sft); ``use_weighting`` (WPO) on sigmoid, bco_pair, nca_pair,
+sigmoid_norm, apo_zero.
+
+Not shared, so not compared: TRL 1.16's ``sigmoid`` ignores ``label_smoothing`` (dpo_zoo's cDPO has no
+TRL 1.16 counterpart); TRL's f-divergences on ``hinge`` and ``ipo`` (dpo_zoo's hinge and IPO use the
+log-ratio only); CPOTrainer's hinge/IPO variants and AlphaPO transform.
 """
 
 from __future__ import annotations
@@ -109,14 +115,15 @@ class _TokenModel(torch.nn.Module):
 
 
 def trl_dpo_loss(leaf, reference, mask, loss_type, *, beta, loss_weights=None, label_smoothing=0.0,
-                 f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None, discopop_tau=0.05):
+                 f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None, discopop_tau=0.05,
+                 log_sq_mass=None):
     """TRL's ``DPOTrainer._compute_loss`` on these log-probs: (batch loss, chosen rewards, rejected rewards)."""
     loss_types = loss_type if isinstance(loss_type, list) else [loss_type]
     # TRL's sequences are [prompt token, response tokens...]; log-probs are per predicted position, so
     # the completion mask has one more column than the log-probs, its first (the prompt) 0.
     completion_mask = torch.cat([torch.zeros(2 * B, 1, dtype=torch.long), mask.long()], dim=1)
     policy = torch.where(mask, leaf, torch.zeros((), dtype=leaf.dtype))  # TRL's fused head gives 0 off the labels
-    model = _TokenModel(policy)
+    model = _TokenModel(policy, log_sum_sq_probs=log_sq_mass)
     accelerator = _Accelerator()
     stub = SimpleNamespace(
         model=model,
@@ -130,7 +137,7 @@ def trl_dpo_loss(leaf, reference, mask, loss_type, *, beta, loss_weights=None, l
         loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types),
         label_smoothing=label_smoothing,
-        use_weighting=False,
+        use_weighting=log_sq_mass is not None,
         precompute_ref_logps=False,
         args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
@@ -294,6 +301,56 @@ def test_rpo_is_trl_sigmoid_plus_weighted_sft(alpha):
     assert_close(out.chosen_rewards, trl_chosen, "chosen rewards")
     assert_close(out.rejected_rewards, trl_rejected, "rejected rewards")
     assert_close(grad(zoo_loss, leaf), grad(trl_loss, leaf), "gradient")
+
+
+# ====================================================================== mixtures and WPO weighting
+
+MIXTURES = [
+    # TRL's MPO: loss_type=["sigmoid", "bco_pair", "sft"] with loss_weights=[0.8, 0.2, 1.0]
+    ("sigmoid+bco_pair+sft", [0.8, 0.2, 1.0], ["sigmoid", "bco_pair", "sft"]),
+    ("dpo+sft", [1.0, 0.2], ["sigmoid", "sft"]),
+    ("robust+nca_pair", [0.5, 1.5], ["robust", "nca_pair"]),
+]
+
+
+@pytest.mark.parametrize("name, weights, trl_types", MIXTURES, ids=[m[0] for m in MIXTURES])
+def test_mixtures_against_trl_loss_type_lists(name, weights, trl_types):
+    """A mixture ``a+b+…`` with ``weights`` is TRL's ``loss_type=[…]`` with ``loss_weights``; both log the
+    first part's rewards (β ℓ)."""
+    leaf, reference, mask = token_data(seed=9)
+    beta = 0.3
+    trl_loss, trl_chosen, trl_rejected = trl_dpo_loss(leaf, reference, mask, trl_types, beta=beta,
+                                                      loss_weights=weights, label_smoothing=0.1)
+    shared = {"beta": beta} | ({"robust.label_smoothing": 0.1} if "robust" in name else {})
+    out = compute_loss(name, **zoo_tokens(leaf, reference, mask), weights=weights, **shared)
+    zoo_loss = out.losses.mean()
+    assert_close(zoo_loss, trl_loss, f"{name} loss")
+    assert_close(out.chosen_rewards, trl_chosen, f"{name} chosen rewards")
+    assert_close(out.rejected_rewards, trl_rejected, f"{name} rejected rewards")
+    assert_close(grad(zoo_loss, leaf), grad(trl_loss, leaf), f"{name} gradient")
+
+
+# Not hinge: TRL 1.16 multiplies its ReLU output by the weights in place, and autograd then refuses the
+# backward pass (TRL's hinge + use_weighting cannot train).
+@pytest.mark.parametrize("name, trl_type", [("dpo", "sigmoid"), ("bco_pair", "bco_pair"), ("nca_pair", "nca_pair"),
+                                            ("sigmoid_norm", "sigmoid_norm"), ("apo_zero", "apo_zero")])
+def test_wpo_weighting_against_trl_use_weighting(name, trl_type):
+    """``use_weighting`` (WPO): TRL multiplies each pair's loss by exp(mean_t[log π(y_t) − log Σ_v π(v)²])
+    of both responses, from its fused head's per-token ``log_sum_sq_probs``; dpo_zoo reads the same
+    per-token values as ``policy_<side>_log_sq_mass``."""
+    leaf, reference, mask = token_data(seed=10)
+    g = torch.Generator().manual_seed(11)
+    log_sq_mass = torch.where(mask, -0.05 - 1.5 * torch.rand(2 * B, T, generator=g, dtype=F64), torch.zeros((), dtype=F64))
+    beta = 0.3
+    trl_loss, trl_chosen, trl_rejected = trl_dpo_loss(leaf, reference, mask, trl_type, beta=beta, log_sq_mass=log_sq_mass)
+    out = compute_loss(name, **zoo_tokens(leaf, reference, mask), beta=beta, use_weighting=True,
+                       policy_chosen_log_sq_mass=log_sq_mass[:B], policy_rejected_log_sq_mass=log_sq_mass[B:])
+    zoo_loss = out.losses.mean()
+    assert_close(zoo_loss, trl_loss, f"{name} loss")
+    assert_close(out.chosen_rewards, trl_chosen, f"{name} chosen rewards")
+    assert_close(grad(zoo_loss, leaf), grad(trl_loss, leaf), f"{name} gradient")
+    unweighted = compute_loss(name, **zoo_tokens(leaf, reference, mask), beta=beta).losses.mean()
+    assert abs(unweighted.item() - zoo_loss.item()) > 1e-3  # the weighting did something
 
 
 # ====================================================================== CPOTrainer and ORPOTrainer (logits)
