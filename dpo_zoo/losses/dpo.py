@@ -122,15 +122,33 @@ class IPOLoss(Loss):
         return margin_output(losses, beta * chosen_ratio, beta * rejected_ratio)
 
 
+@dataclass
+class HingeConfig:
+    """``beta`` (β) = 0.1 (the margin is ``1/β`` in log-ratio units); ``divergence`` / ``alpha`` /
+    ``exp_cap`` as f-DPO (reverse_kl, 0.5, 50): the score of each side, as TRL's ``f_divergence_type``."""
+
+    beta: float = 0.1
+    divergence: str = "reverse_kl"
+    alpha: float = 0.5
+    exp_cap: float = 50.0
+
+    def __post_init__(self):
+        from .f_dpo import check_divergence  # f_dpo imports this module
+
+        check_beta(self.beta)
+        check_divergence(self)
+
+
 @register_loss("hinge")
 class HingeLoss(Loss):
-    """Hinge / SLiC (context loss): ``L = max(0, 1 − β h)``; rewards ``β ℓ_θ(y)``.
+    """Hinge / SLiC (context loss): ``L = max(0, 1 − β (s_w − s_l))``, ``s`` the log-ratio ℓ_θ(y) (or an
+    f-DPO score of it); rewards ``β ℓ_θ(y)``.
 
-    Hyperparameter: ``beta`` = 0.1 (the margin is ``1/β`` in log-ratio units).
+    Hyperparameters: ``beta`` = 0.1 (the margin is ``1/β`` in log-ratio units), ``divergence`` = reverse_kl.
     Paper: Zhao et al., *SLiC-HF: Sequence Likelihood Calibration with Human Feedback*, arXiv:2305.10425.
     """
 
-    Config = BetaConfig
+    Config = HingeConfig
     requires = frozenset({Need.SEQUENCE_LOGPS})
     paper = "Zhao et al., SLiC-HF: Sequence Likelihood Calibration with Human Feedback, 2023"
     arxiv = "2305.10425"
@@ -139,7 +157,10 @@ class HingeLoss(Loss):
     )
 
     def forward(self, batch: PairBatch) -> LossOutput:
+        from .f_dpo import divergence_scores
+
         beta = self.config.beta
         chosen_ratio, rejected_ratio = batch.log_ratios()
-        losses = torch.relu(1.0 - beta * (chosen_ratio - rejected_ratio))
+        chosen_score, rejected_score = divergence_scores(chosen_ratio, rejected_ratio, self.config)
+        losses = torch.relu(1.0 - beta * (chosen_score - rejected_score))
         return margin_output(losses, beta * chosen_ratio, beta * rejected_ratio)

@@ -23,8 +23,8 @@ with ``loss_weights`` (MPO = sigmoid+bco_pair+sft); ``use_weighting`` (WPO) on s
 sigmoid_norm, apo_zero.
 
 Not shared, so not compared: TRL 1.16's ``sigmoid`` ignores ``label_smoothing`` (dpo_zoo's cDPO has no
-TRL 1.16 counterpart); TRL's f-divergences on ``hinge`` and ``ipo`` (dpo_zoo's hinge and IPO use the
-log-ratio only); CPOTrainer's hinge/IPO variants and AlphaPO transform.
+TRL 1.16 counterpart); TRL's f-divergences on ``ipo`` (TRL divides the f-score by the length, which has no
+counterpart in dpo_zoo's summed IPO); CPOTrainer's hinge/IPO variants and AlphaPO transform.
 """
 
 from __future__ import annotations
@@ -194,7 +194,8 @@ SHARED = [
 # The f-divergence option, on every TRL loss type that accepts it and that dpo_zoo shares (dpo_zoo's
 # alpha is the paper's α; TRL's f_alpha_divergence_coef is 1 − α).
 TRL_DIVERGENCE = {"forward_kl": "forward_kl", "js": "js_divergence", "alpha": "alpha_divergence"}
-for _name, _trl in (("robust", "robust"), ("exo_pair", "exo_pair"), ("discopop", "discopop"), ("sigmoid_norm", "sigmoid_norm")):
+for _name, _trl in (("robust", "robust"), ("exo_pair", "exo_pair"), ("discopop", "discopop"), ("sigmoid_norm", "sigmoid_norm"),
+                   ("hinge", "hinge")):
     for _div, _trl_div in TRL_DIVERGENCE.items():
         _zoo = {"divergence": _div, **({"alpha": 0.3} if _div == "alpha" else {})}
         if _name in ("robust", "exo_pair"):
