@@ -5,55 +5,24 @@ Checked by watching what the trainer does (the model loader and the prepared-set
 not by reading the code.
 """
 
-from dataclasses import dataclass
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dpo_zoo import cache as cache_module
 from dpo_zoo import models as models_module
 from dpo_zoo.batching import REFERENCE_COLUMNS
 from dpo_zoo.config import load_config
 from dpo_zoo.errors import CacheError, TrainingError
-from dpo_zoo.losses import Loss, LossOutput, Need, PairBatch
-from dpo_zoo.losses import base as losses_base
 from dpo_zoo.prep import run_prep
 from dpo_zoo.trainer import train
 
 from tiny import tiny_overrides, write_hh_slice
 
-TEST_LOSS = "_test_reference_free"
-
-
-@dataclass
-class _Config:
-    beta: float = 2.0
-    gamma: float = 0.5
-
-
-class _LengthNormalisedMargin(Loss):
-    """A reference-free test loss (SimPO's form): ``−log σ(β (m_w − m_l) − γ)`` with ``m`` the mean
-    per-token log-prob of the policy."""
-
-    Config = _Config
-    requires = frozenset({Need.TOKEN_LOGPS})
-    reference_free = True
-
-    def forward(self, batch: PairBatch) -> LossOutput:
-        means = [batch.sequence_logps("policy", side) / batch.mask(side).sum(-1) for side in ("chosen", "rejected")]
-        chosen, rejected = (self.config.beta * m for m in means)
-        return LossOutput(losses=-F.logsigmoid(chosen - rejected - self.config.gamma),
-                          chosen_rewards=chosen.detach(), rejected_rewards=rejected.detach())
-
-
-@pytest.fixture
-def test_loss(monkeypatch):
-    entry = losses_base.RegisteredLoss(name=TEST_LOSS, cls=_LengthNormalisedMargin, presets={}, summary="test")
-    monkeypatch.setitem(losses_base._REGISTRY, TEST_LOSS, entry)
-    return TEST_LOSS
+# The registry's reference-free losses (they declare ``reference_free``); SimPO's defaults β = 2, γ = 0.5.
+FREE = ("simpo", "cpo")
 
 
 @pytest.fixture
@@ -79,23 +48,28 @@ def _train(overrides, out_dir, *extra):
     return train(load_config([], [*overrides, f"train.output_dir={out_dir}", *extra]))
 
 
-def test_the_declaration_drops_reference_fields(test_loss):
-    from dpo_zoo.losses import build_loss, compute_loss
+@pytest.mark.parametrize("name", FREE)
+def test_the_declaration_drops_reference_fields(name):
+    from dpo_zoo.losses import build_loss
 
-    loss = build_loss(test_loss)
+    loss = build_loss(name)
     assert not loss.needs_reference
-    assert loss.needed_fields() == ["policy_chosen_token_logps", "policy_rejected_token_logps",
-                                    "chosen_mask", "rejected_mask"]
-    # compute_loss asks for no reference tensor: −log σ(2·(−1 − (−2)) − 0.5) = −log σ(1.5)
-    out = compute_loss(test_loss, policy_chosen_token_logps=[[-1.0, -1.0]], policy_rejected_token_logps=[[-2.0, -2.0]],
+    assert loss.needed_fields() and not [f for f in loss.needed_fields() if f.startswith("reference_")]
+
+
+def test_simpo_needs_no_reference_tensor():
+    from dpo_zoo.losses import compute_loss
+
+    # SimPO (β = 2, γ = 0.5) on mean log-probs −1 and −2: −log σ(2·(−1 − (−2)) − 0.5) = −log σ(1.5).
+    out = compute_loss("simpo", policy_chosen_token_logps=[[-1.0, -1.0]], policy_rejected_token_logps=[[-2.0, -2.0]],
                        chosen_mask=[[1, 1]], rejected_mask=[[1, 1]])
     assert out.losses.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.5)).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("reference", ["auto", "live"])
+@pytest.mark.parametrize("name, reference", [("simpo", "auto"), ("cpo", "live")])
 def test_a_reference_free_run_loads_no_reference_and_reads_no_reference_column(
-        reference, test_loss, watched, tiny_prepared, tmp_path):
-    final = _train(tiny_prepared, tmp_path / reference, f"loss={test_loss}", f"train.reference={reference}",
+        name, reference, watched, tiny_prepared, tmp_path):
+    final = _train(tiny_prepared, tmp_path / reference, f"loss={name}", f"train.reference={reference}",
                    "train.eval_every=1", "train.max_steps=2")
     assert len(watched["loads"]) == 1, watched["loads"]  # the policy only
     assert watched["columns"], "the trainer read no rows at all"
@@ -155,12 +129,13 @@ def test_prep_without_reference_is_another_cache_key(prepared_without_reference,
     assert with_reference["reference_source"] == "model" and key["reference_source"] == "none"
 
 
-def test_a_reference_free_loss_trains_on_a_set_without_reference(prepared_without_reference, test_loss, watched,
+@pytest.mark.parametrize("name", FREE)
+def test_a_reference_free_loss_trains_on_a_set_without_reference(name, prepared_without_reference, watched,
                                                                  tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
     overrides, _ = prepared_without_reference
-    final = _train(overrides, tmp_path / "free", f"loss={test_loss}")
+    final = _train(overrides, tmp_path / name, f"loss={name}")
     assert len(watched["loads"]) == 1
     before, after = load_file(str(Path(tiny_model_dir) / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)

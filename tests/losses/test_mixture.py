@@ -63,6 +63,10 @@ def test_needs_add_up():
     assert not build_loss("dpo+ra_dpo_official").accepts_topk_reference
     assert build_loss("dpo+ra_dpo").accepts_topk_reference
     assert [name for name, _ in loss.components()] == ["dpo", "sampo", "tie_dpo"]
+    # Reference-free only when every part is: SimPO + SFT reads no reference, DPO + SFT does.
+    assert not build_loss("simpo+sft").needs_reference and build_loss("dpo+sft").needs_reference
+    assert build_loss("simpo+sft").needed_fields() and not any(
+        f.startswith("reference_") for f in build_loss("simpo+sft").needed_fields())
 
 
 def test_defaults_and_parts_of_the_entry():

@@ -6,12 +6,15 @@ per-token ``log Σ_v π(v)²``), as TRL's fused LM head does. dpo_zoo's ``comput
 values in float64: the batch-mean loss and its gradient must agree to 1e-6 relative, and the rewards
 (TRL logs ``β·log-ratio``; a mixture's are its first part's) too.
 
-Cases: ``dpo+hinge`` ← ``loss_type=["sigmoid", "hinge"]`` with ``loss_weights``; ``dpo`` with
-``use_weighting`` ← ``sigmoid`` with ``use_weighting=True``; and the two together.
+Cases: ``dpo+hinge`` ← ``loss_type=["sigmoid", "hinge"]`` with ``loss_weights``; MPO,
+``sigmoid+bco_pair+sft`` ← ``["sigmoid", "bco_pair", "sft"]``; ``dpo`` / ``hinge`` with
+``use_weighting`` ← the same loss type with ``use_weighting=True``; and ``dpo+hinge`` with weighting.
 
 Found on the way: TRL 1.16 cannot backpropagate ``hinge`` with ``use_weighting=True`` (it multiplies
 the ReLU's output in place, ``per_sequence_loss *= ...``, which autograd refuses). There the loss and
 rewards are compared with TRL, and the gradient with that of TRL's formula written out of place.
+Nor can it run ``sft`` with ``use_weighting=True`` at all (the in-place multiply of its expanded
+batch loss is a RuntimeError in the forward pass), so MPO with WPO has no TRL value to compare with.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ CASES = [
     ("dpo", {"use_weighting": True}, ["sigmoid"], [1.0], True),
     ("hinge", {"use_weighting": True}, ["hinge"], [1.0], True),
     ("dpo+hinge", {"weights": [1.0, 0.4], "use_weighting": True}, ["sigmoid", "hinge"], [1.0, 0.4], True),
+    # MPO (TRL's documented mixture): DPO + BCO + SFT.
+    ("sigmoid+bco_pair+sft", {"weights": [0.8, 0.2, 1.0]}, ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], False),
 ]
 
 
