@@ -165,8 +165,13 @@ class TrainConfig:
     learning_rate: float = 5e-7
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    # constant | linear | cosine (decay after warm-up to 0 at max_steps).
+    # After a linear warm-up: constant | linear | cosine (to 0 at the last step) | cosine_with_min_lr
+    # (to min_lr_ratio × peak) | warmup_stable_decay (peak, then its last decay_steps down to min_lr_ratio × peak).
     lr_schedule: str = "linear"
+    # cosine_with_min_lr and warmup_stable_decay: the final rate as a fraction of the peak (null: 0).
+    min_lr_ratio: Optional[float] = None
+    # warmup_stable_decay: how many final steps the decay takes (required by that schedule).
+    decay_steps: Optional[int] = None
     max_grad_norm: float = 1.0
     # float32 | bfloat16
     precision: str = "float32"
@@ -229,7 +234,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "data.on_bad_row": ("error", "skip"),
     "prep.truncation_mode": ("keep_end", "keep_start"),
     "prep.dtype": ("float32", "bfloat16", "float16", "float64"),
-    "train.lr_schedule": ("constant", "linear", "cosine"),
+    "train.lr_schedule": ("constant", "linear", "cosine", "cosine_with_min_lr", "warmup_stable_decay"),
     "train.precision": ("float32", "bfloat16"),
     "train.reference": ("auto", "cache", "live"),
 }
@@ -508,6 +513,11 @@ def _check_values(cfg: DictConfig) -> List[str]:
                         else cfg.train.report_to)
     except ValueError as err:
         errors.append(f"`train.report_to`: {err}")
+    if cfg.train.min_lr_ratio is not None and not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        errors.append(f"`train.min_lr_ratio`: must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if cfg.train.lr_schedule == "warmup_stable_decay" and not (cfg.train.decay_steps or 0) > 0:
+        errors.append(f"`train.decay_steps`: train.lr_schedule=warmup_stable_decay needs a number of decay steps > 0, "
+                      f"got {cfg.train.decay_steps!r}")
     if cfg.train.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         errors.append(f"`train.deepspeed.zero_stage`: must be 0, 1, 2 or 3, got {cfg.train.deepspeed.zero_stage}")
     if cfg.prep.max_prompt_length is not None and cfg.prep.max_prompt_length >= cfg.prep.max_length:

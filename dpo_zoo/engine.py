@@ -6,7 +6,6 @@ schedule, and checkpoint loading that never unpickles arbitrary objects.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict
 
@@ -45,26 +44,38 @@ def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:
     return ds
 
 
-class LinearWarmupSchedule:
-    """LR factor: linear warm-up over ``warmup_steps``, then constant, linear or cosine decay to 0 at
-    ``max_steps``. A plain object (not a lambda) so the scheduler's state dict holds only numbers and
-    reloads with ``weights_only=True``."""
-
-    def __init__(self, warmup_steps: int, max_steps: int, kind: str):
-        self.warmup_steps, self.max_steps, self.kind = warmup_steps, max_steps, kind
-
-    def __call__(self, step: int) -> float:
-        if self.warmup_steps and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
-        if self.kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+# train.lr_schedule -> the name `transformers.get_scheduler` knows it by. Every schedule warms up
+# linearly over train.warmup_steps (so `constant` is transformers' constant_with_warmup).
+SCHEDULES = {
+    "constant": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_with_min_lr": "cosine_with_min_lr",
+    "warmup_stable_decay": "warmup_stable_decay",
+}
 
 
-def build_engine(cfg, policy, world_size: int):
+def schedule(t, total_steps: int):
+    """``optimizer -> LambdaLR`` for ``train.lr_schedule`` over ``total_steps`` optimizer steps, built by
+    ``transformers.get_scheduler``: the rate of step ``k`` (0-based) is the peak times the schedule's
+    factor at ``k``; after warm-up, linear and cosine reach 0 at ``total_steps``, ``cosine_with_min_lr``
+    and ``warmup_stable_decay`` reach ``train.min_lr_ratio`` × peak (the latter holds the peak until its
+    last ``train.decay_steps`` steps). Its state dict holds numbers only (reloads with ``weights_only``)."""
+    from transformers import get_scheduler
+
+    extra: Dict[str, Any] = {}
+    if t.lr_schedule == "cosine_with_min_lr":
+        extra = {"min_lr_rate": float(t.min_lr_ratio or 0.0)}
+    elif t.lr_schedule == "warmup_stable_decay":
+        extra = {"num_decay_steps": int(t.decay_steps), "min_lr_ratio": float(t.min_lr_ratio or 0.0)}
+    return lambda optimizer: get_scheduler(SCHEDULES[t.lr_schedule], optimizer, num_warmup_steps=int(t.warmup_steps),
+                                           num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+
+
+def build_engine(cfg, policy, world_size: int, total_steps: int):
+    """The DeepSpeed engine over ``policy``: AdamW (or DeepSpeed's own with ZeRO-Offload) and the
+    learning-rate schedule over ``total_steps``. Use it inside the launcher environment
+    (:func:`dpo_zoo.distributed.launcher_environment`): DeepSpeed reads ``LOCAL_RANK``."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size)
@@ -73,14 +84,12 @@ def build_engine(cfg, policy, world_size: int):
         optimizer = None
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    t = cfg.train
-    schedule = LinearWarmupSchedule(t.warmup_steps, t.max_steps, t.lr_schedule)
     engine, _, _, _ = deepspeed.initialize(
         model=policy,
         model_parameters=params,
         optimizer=optimizer,
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        lr_scheduler=schedule(cfg.train, total_steps),
     )
     _use_safe_checkpoint_loading(engine)
     return engine

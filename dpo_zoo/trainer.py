@@ -1,9 +1,12 @@
 """One pairwise trainer for every registered loss, on a DeepSpeed engine.
 
-Reads top to bottom (the engine itself is :mod:`dpo_zoo.engine`, the run folder's files
-:mod:`dpo_zoo.run_folder`): set up the run → open the prepared sets (the reference cache) → load the policy
-(full fine-tuning or LoRA) → preflight → reference (cache, or live when asked or needed) → DeepSpeed
-engine → resume → loop (forward, loss, finite checks, backward, step, log, evaluate, checkpoint) → save.
+Reads top to bottom (the engine itself is :mod:`dpo_zoo.engine`, the process group
+:mod:`dpo_zoo.distributed`, checkpoints and the final save :mod:`dpo_zoo.saving`, the run folder's files
+:mod:`dpo_zoo.run_folder`): open the prepared sets (the reference cache) → reuse a finished run or refuse
+one of other settings (reading only: nothing is written, no process group starts) → the step count →
+open the run (process group, logs, trackers; closed on every exit) → load the policy (full fine-tuning
+or LoRA) → preflight → DeepSpeed engine → reference (cache, or live when asked or needed) → resume →
+loop (forward, loss, finite checks, backward, step, log, evaluate, checkpoint) → save.
 
 The trainer never asks which loss it has: it reads the loss's declared needs (``requires`` /
 ``optional``), builds the batch those needs call for (:mod:`dpo_zoo.batching`), and reduces the
@@ -24,7 +27,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,24 +34,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import checkpoints
 from .batching import Collated, cache_reference_fields, collate, columns_to_read, loss_wants, pair_batch
 from .config import as_dict, loss_hparams, save_resolved
+from .distributed import init_distributed, launcher_environment, launcher_world_size, mean_over_ranks
 from .engine import build_engine
 from .errors import CacheError, TrainingError
 from .losses import Loss, LossOutput, Need, build_loss
 from .losses.options import soft_update
-from .run_folder import (
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    FINAL_DIR,
-    LOGS_FILE,
-    RUN_FILE,
-    finished_run_changes,
-    identity_changes,
-    training_identity,
-    write_run_record,
-)
+from .run_folder import CONFIG_FILE, FINAL_DIR, LOGS_FILE, finished_run_changes, training_identity
+from .saving import clear_previous_run, resume, save_checkpoint, save_final
 
 # ==================================================================== setup
 
@@ -86,32 +79,10 @@ class Run:
             self.trackers.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> Tuple[int, int, int]:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU); a plain `python` run is world 1."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:  # not under a launcher: a one-process group of our own
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-        )
-    if not torch.distributed.is_initialized():
-        backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-        deepspeed.init_distributed(dist_backend=backend)
-    return (
-        torch.distributed.get_rank(),
-        torch.distributed.get_world_size(),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
-
-
-def setup_run(cfg) -> Run:
+@contextlib.contextmanager
+def open_run(cfg) -> Iterator[Run]:
+    """Join (or start) the process group and open the run folder: the resolved config, the JSONL log
+    and the trackers of ``train.report_to`` (on rank 0). They are closed on every exit, error or not."""
     from deepspeed.accelerator import get_accelerator
 
     from .tracking import open_trackers
@@ -122,13 +93,48 @@ def setup_run(cfg) -> Run:
     device = torch.device("cpu") if accelerator.device_name() == "cpu" else torch.device(accelerator.device_name(local_rank))
     output_dir = Path(cfg.train.output_dir)
     run = Run(rank=rank, world_size=world, local_rank=local_rank, device=device, output_dir=output_dir)
-    if run.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, output_dir / CONFIG_FILE)
-        run.log_file = open(output_dir / LOGS_FILE, "a", encoding="utf-8")
-        run.trackers = trackers
-    torch.manual_seed(cfg.train.seed)
-    return run
+    try:
+        if run.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, output_dir / CONFIG_FILE)
+            run.log_file = open(output_dir / LOGS_FILE, "a", encoding="utf-8")
+            run.trackers, trackers = trackers, None
+        torch.manual_seed(cfg.train.seed)
+        yield run
+    finally:
+        run.close()
+        if trackers is not None:  # another rank's (unused) trackers
+            trackers.close()
+
+
+def reuse_finished_run(cfg, output_dir: Path, identity: Dict[str, Any]) -> bool:
+    """True when ``output_dir`` holds this very run, finished (it is reused); a :class:`TrainingError`
+    when it holds a finished run of other settings (``train.overwrite=true`` replaces it instead).
+    Reads files only: decided before anything is written or any process group starts."""
+    if cfg.train.overwrite:
+        return False
+    changed = finished_run_changes(output_dir, identity)
+    if changed is None:
+        return False
+    if changed:
+        raise TrainingError(
+            f"{output_dir} holds a finished run trained with a different {', '.join(changed)}; "
+            "set train.overwrite=true to replace it, or choose another train.output_dir"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[dpo-zoo train] {output_dir} is already trained with this config and prepared set; "
+              "reusing it (set train.overwrite=true to train again)")
+    return True
+
+
+def count_steps(t, n_pairs: int, world_size: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or with ``train.epochs`` the steps that many
+    passes over ``n_pairs`` take at ``micro_batch_size × gradient_accumulation_steps × world_size``
+    pairs a step. The learning-rate schedule runs over exactly these steps."""
+    if not t.epochs:
+        return int(t.max_steps)
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    return math.ceil(t.epochs * n_pairs / global_batch)
 
 
 # ==================================================================== data
@@ -300,18 +306,35 @@ def preflight(cfg, loss: Loss, train_set, policy, tokenizer, source, reference_m
         raise TrainingError("cannot train:\n  - " + "\n  - ".join(problems))
 
 
-def build_reference(cfg, policy, model_path: Path, reference_mode: str, run: Run):
-    """(reference model, context to run it in) for a live reference; (None, None) with the cache."""
-    if reference_mode != "live":
-        return None, None
+@dataclass
+class Reference:
+    """Where a run's reference log-probs come from: ``mode`` ``cache`` (the prepared set's rows),
+    ``live`` (``model`` runs beside the policy; under LoRA it is the policy itself, run inside
+    ``context``, its ``disable_adapter``) or ``none`` (a reference-free loss)."""
+
+    mode: str
+    model: Any = None
+    context: Any = None
+
+    @property
+    def from_rows(self) -> bool:
+        """Whether the reference columns of the prepared set are read."""
+        return self.mode == "cache"
+
+
+def build_reference(cfg, policy, model_path: Path, mode: str, device: torch.device) -> Reference:
+    """The :class:`Reference` of ``mode`` (from :func:`choose_reference`); loads a live reference model
+    only when there is no LoRA adapter to switch off."""
+    if mode != "live":
+        return Reference(mode)
     if cfg.train.lora.enabled:
         # The frozen base weights under the adapter are the reference: no second copy in memory.
-        return policy, policy.disable_adapter
+        return Reference(mode, policy, policy.disable_adapter)
     from .models import load_model
 
-    reference = load_model(model_path, dtype=cfg.train.precision, trust_remote_code=cfg.model.trust_remote_code)
-    reference.to(run.device).eval().requires_grad_(False)
-    return reference, None
+    model = load_model(model_path, dtype=cfg.train.precision, trust_remote_code=cfg.model.trust_remote_code)
+    model.to(device).eval().requires_grad_(False)
+    return Reference(mode, model)
 
 
 # ==================================================================== the loop
@@ -377,24 +400,23 @@ class GradientWatch:
         self.finite = None
         return ok
 
+    def __enter__(self) -> "GradientWatch":
+        return self
 
-def _mean_over_ranks(values: Dict[str, float], run: Run) -> Dict[str, float]:
-    if run.world_size == 1 or not values:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return {k: v / run.world_size for k, v in zip(keys, tensor.tolist())}
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
-def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference=(None, None)) -> Dict[str, float]:
+def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference: Reference) -> Dict[str, float]:
     """Loss and metrics over the whole held-out set (each rank a slice), ``eval_``-prefixed."""
     module = engine.module
     was_training = module.training
     module.eval()
     size = cfg.train.micro_batch_size
     mine = list(range(run.rank * size, len(dataset), run.world_size * size))
-    columns = columns_to_read(dataset.columns, reference_from_rows=reference[0] is None and loss.needs_reference)
+    columns = columns_to_read(dataset.columns, reference_from_rows=reference.from_rows)
     sums: Dict[str, float] = {}
     count = 0.0
     with torch.no_grad():
@@ -402,7 +424,8 @@ def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference=
             indices = list(range(start, min(start + size, len(dataset))))
             collated = collate(dataset.rows(indices, columns), pad_id).to(run.device)
             generator = _micro_generator(loss, run, cfg.train.seed, -1, start)  # fixed draws: a stable eval
-            forward = pair_batch(loss, module, collated, reference_model=reference[0], reference_context=reference[1], generator=generator)
+            forward = pair_batch(loss, module, collated, reference_model=reference.model,
+                                 reference_context=reference.context, generator=generator)
             output = loss(forward.batch)
             metrics = batch_metrics(output, forward, collated)
             metrics["loss"] = reduce_losses(output, collated.per_pair.get("weight")).item()
@@ -423,126 +446,120 @@ def train(cfg) -> Path:
     """Train ``cfg.loss`` on the prepared set of ``cfg.prep.output_dir``; returns the final model folder."""
     from tqdm.auto import tqdm
 
-    # ---- setup (the prepared set first: a missing one is reported before any process group starts)
+    # ---- decide (reading only: a missing prepared set, a finished run to reuse or one of other
+    #      settings to refuse are settled before anything is written or any process group starts)
     train_set, heldout = open_prepared(cfg)
     name, hparams = loss_hparams(cfg)
     loss = build_loss(name, **hparams)
-    run = setup_run(cfg)
     identity = training_identity(as_dict(cfg), train_set.key)
-    final_dir = run.output_dir / FINAL_DIR
-    if cfg.train.overwrite:
-        _clear_previous_run(run)
-    elif (changed := finished_run_changes(run.output_dir, identity)) is not None:
-        if not changed:
-            if run.is_main:
-                print(f"[dpo-zoo train] {run.output_dir} is already trained with this config and prepared set; "
-                      "reusing it (set train.overwrite=true to train again)")
-            run.close()
-            return final_dir
-        run.close()
-        raise TrainingError(
-            f"{run.output_dir} holds a finished run trained with a different {', '.join(changed)}; "
-            "set train.overwrite=true to replace it, or choose another train.output_dir"
-        )
-
-    # ---- data and model
-    policy, tokenizer, source = load_policy(cfg, run)
-    model_path = source.path
-    reference_mode = choose_reference(cfg, loss, train_set)
-    preflight(cfg, loss, train_set, policy, tokenizer, source, reference_mode)
-    pad_id = tokenizer.pad_token_id
-
-    # ---- engine, reference, resume
-    engine = build_engine(cfg, policy, run.world_size)
-    reference = build_reference(cfg, engine.module, model_path, reference_mode, run)
-    watch = GradientWatch(engine.module.parameters())
-    sync = loss.reference_sync  # a reference that moves: updated after its steps, saved with checkpoints
-    start_step = _resume(engine, run, cfg, identity, reference[0] if sync is not None else None)
+    final_dir = Path(cfg.train.output_dir) / FINAL_DIR
+    if reuse_finished_run(cfg, final_dir.parent, identity):
+        return final_dir
     t = cfg.train
-    max_steps = t.max_steps
-    if t.epochs:
-        global_batch = t.micro_batch_size * t.gradient_accumulation_steps * run.world_size
-        max_steps = math.ceil(t.epochs * len(train_set) / global_batch)
-    if run.is_main:
-        print(
-            f"[dpo-zoo train] loss={name} {hparams} | reference={reference_mode} | "
-            f"pairs={len(train_set)} | steps {start_step}->{max_steps} | world={run.world_size} | "
-            f"zero={engine.zero_optimization_stage()} | lora={t.lora.enabled} | out={run.output_dir}"
-        )
-        run.log({"event": "start", "step": start_step, "loss_name": name, "reference": reference_mode})
+    max_steps = count_steps(t, len(train_set), launcher_world_size())
 
-    # ---- loop
-    columns = columns_to_read(train_set.columns, reference_from_rows=reference_mode == "cache")
-    engine.module.train()
-    bar = tqdm(total=max_steps, initial=start_step, desc=f"train {name}", disable=not (run.is_main and t.progress))
-    last_metrics: Dict[str, float] = {}
-    for step in range(start_step, max_steps):
-        started = time.perf_counter()
-        step_metrics: Dict[str, float] = {}
-        tokens = 0
-        for micro in range(t.gradient_accumulation_steps):
-            indices = micro_batch_indices(len(train_set), t.seed, step, micro, t, run.rank, run.world_size)
-            collated = collate(train_set.rows(indices, columns), pad_id).to(run.device)
-            forward = pair_batch(
-                loss, engine, collated,
-                reference_model=reference[0], reference_context=reference[1],
-                generator=_micro_generator(loss, run, t.seed, step, micro),
+    with contextlib.ExitStack() as resources:  # every exit path closes what was opened
+        # ---- setup: run folder, policy, engine, reference, resume. DeepSpeed reads the launcher's
+        # variables while the engine lives (ZeRO-3 on every forward); a plain `python` run gets them
+        # for this block only.
+        resources.enter_context(launcher_environment())
+        run = resources.enter_context(open_run(cfg))
+        if t.overwrite:
+            clear_previous_run(run)
+        policy, tokenizer, source = load_policy(cfg, run)
+        reference_mode = choose_reference(cfg, loss, train_set)
+        preflight(cfg, loss, train_set, policy, tokenizer, source, reference_mode)
+        engine = build_engine(cfg, policy, run.world_size, max_steps)
+        resources.callback(engine.destroy)
+        reference = build_reference(cfg, engine.module, source.path, reference_mode, run.device)
+        watch = resources.enter_context(GradientWatch(engine.module.parameters()))
+        sync = loss.reference_sync  # a reference that moves (TR-DPO): updated after its steps, saved with checkpoints
+        moving_reference = reference.model if sync is not None else None
+        start_step = resume(engine, run, cfg, identity, moving_reference)
+        if run.is_main:
+            print(
+                f"[dpo-zoo train] loss={name} {hparams} | reference={reference_mode} | "
+                f"pairs={len(train_set)} | steps {start_step}->{max_steps} | world={run.world_size} | "
+                f"zero={engine.zero_optimization_stage()} | lora={t.lora.enabled} | out={run.output_dir}"
             )
-            output = loss(forward.batch)
-            micro_loss = reduce_losses(output, collated.per_pair.get("weight"))
-            if not torch.isfinite(micro_loss):
-                raise TrainingError(
-                    f"non-finite loss ({micro_loss.item()}) at step {step}, micro-batch {micro}, rank {run.rank}; "
-                    f"pair ids: {collated.ids}. Nothing from this step was applied."
-                )
-            engine.backward(micro_loss)
-            if not watch.check():
-                raise TrainingError(
-                    f"non-finite gradient at step {step}, micro-batch {micro}, rank {run.rank}; "
-                    f"pair ids: {collated.ids}. Nothing from this step was applied."
-                )
-            metrics = batch_metrics(output, forward, collated)
-            metrics["loss"] = micro_loss.item()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / t.gradient_accumulation_steps
-            tokens += collated.n_tokens
-            if engine.is_gradient_accumulation_boundary():
-                # Read before the step: the rate this step uses, and (ZeRO-0 records no norm) the
-                # pre-clipping gradient norm while the gradients still exist.
-                learning_rate = engine.get_lr()[0]
-                own_norm = _grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
-            engine.step()
-        if sync is not None and sync.due(step + 1):
-            soft_update(reference[0], engine.module, sync.alpha)
-        elapsed = time.perf_counter() - started
-        step_metrics = _mean_over_ranks(step_metrics, run)
-        step_metrics["grad_norm"] = own_norm if own_norm is not None else float(engine.get_global_grad_norm())
-        step_metrics["learning_rate"] = learning_rate
-        step_metrics["tokens_per_second"] = tokens * run.world_size / max(elapsed, 1e-9)
-        done = step + 1
-        if t.log_every and (done % t.log_every == 0 or done == max_steps):
-            run.log({"step": done, **step_metrics})
-        last_metrics = step_metrics
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics['rewards/accuracies']:.2f}",
-                        tok_s=f"{step_metrics['tokens_per_second']:.0f}")
-        if heldout is not None and t.eval_every and done % t.eval_every == 0 and done < max_steps:
-            run.log({"step": done, **evaluate(engine, loss, heldout, cfg, run, pad_id, reference)})
-        if t.save_every and done % t.save_every == 0 and done < max_steps:
-            _save_checkpoint(engine, run, done, identity, keep=t.keep_checkpoints,
-                             moving_reference=reference[0] if sync is not None else None)
-    bar.close()
+            run.log({"event": "start", "step": start_step, "loss_name": name, "reference": reference_mode})
 
-    # ---- evaluate and save
-    eval_metrics = evaluate(engine, loss, heldout, cfg, run, pad_id, reference) if heldout is not None else {}
-    if eval_metrics:
-        run.log({"step": max_steps, **eval_metrics})
-    save_final(engine, tokenizer, cfg, run, train_set, source, reference_mode, {**last_metrics, **eval_metrics})
-    for handle in watch.handles:
-        handle.remove()
-    run.close()
+        # ---- loop
+        pad_id = tokenizer.pad_token_id
+        columns = columns_to_read(train_set.columns, reference_from_rows=reference.from_rows)
+        engine.module.train()
+        bar = resources.enter_context(
+            tqdm(total=max_steps, initial=start_step, desc=f"train {name}", disable=not (run.is_main and t.progress)))
+        last_metrics: Dict[str, float] = {}
+        for step in range(start_step, max_steps):
+            last_metrics = train_step(engine, loss, train_set, columns, reference, watch, run, t, pad_id, step)
+            done = step + 1
+            if sync is not None and sync.due(done):
+                soft_update(moving_reference, engine.module, sync.alpha)
+            if t.log_every and (done % t.log_every == 0 or done == max_steps):
+                run.log({"step": done, **last_metrics})
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['rewards/accuracies']:.2f}",
+                            tok_s=f"{last_metrics['tokens_per_second']:.0f}")
+            if heldout is not None and t.eval_every and done % t.eval_every == 0 and done < max_steps:
+                run.log({"step": done, **evaluate(engine, loss, heldout, cfg, run, pad_id, reference)})
+            if t.save_every and done % t.save_every == 0 and done < max_steps:
+                save_checkpoint(engine, run, done, identity, keep=t.keep_checkpoints, moving_reference=moving_reference)
+
+        # ---- evaluate and save
+        eval_metrics = evaluate(engine, loss, heldout, cfg, run, pad_id, reference) if heldout is not None else {}
+        if eval_metrics:
+            run.log({"step": max_steps, **eval_metrics})
+        save_final(engine, tokenizer, cfg, run, train_set, source, reference_mode, {**last_metrics, **eval_metrics})
     return final_dir
 
+
+def train_step(engine, loss: Loss, train_set, columns: List[str], reference: Reference, watch: GradientWatch,
+               run: Run, t, pad_id: int, step: int) -> Dict[str, float]:
+    """One optimizer step (0-based ``step``): per micro-batch the forward pass, the loss, the finite
+    checks and the backward pass, then DeepSpeed's update. Returns the step's metrics, averaged over
+    micro-batches and ranks. A non-finite loss or gradient stops the run before the update."""
+    started = time.perf_counter()
+    step_metrics: Dict[str, float] = {}
+    tokens = 0
+    for micro in range(t.gradient_accumulation_steps):
+        indices = micro_batch_indices(len(train_set), t.seed, step, micro, t, run.rank, run.world_size)
+        collated = collate(train_set.rows(indices, columns), pad_id).to(run.device)
+        forward = pair_batch(
+            loss, engine, collated,
+            reference_model=reference.model, reference_context=reference.context,
+            generator=_micro_generator(loss, run, t.seed, step, micro),
+        )
+        output = loss(forward.batch)
+        micro_loss = reduce_losses(output, collated.per_pair.get("weight"))
+        if not torch.isfinite(micro_loss):
+            raise TrainingError(
+                f"non-finite loss ({micro_loss.item()}) at step {step}, micro-batch {micro}, rank {run.rank}; "
+                f"pair ids: {collated.ids}. Nothing from this step was applied."
+            )
+        engine.backward(micro_loss)
+        if not watch.check():
+            raise TrainingError(
+                f"non-finite gradient at step {step}, micro-batch {micro}, rank {run.rank}; "
+                f"pair ids: {collated.ids}. Nothing from this step was applied."
+            )
+        metrics = batch_metrics(output, forward, collated)
+        metrics["loss"] = micro_loss.item()
+        for k, v in metrics.items():
+            step_metrics[k] = step_metrics.get(k, 0.0) + v / t.gradient_accumulation_steps
+        tokens += collated.n_tokens
+        if engine.is_gradient_accumulation_boundary():
+            # Read before the step: the rate this step uses, and (ZeRO-0 records no norm) the
+            # pre-clipping gradient norm while the gradients still exist.
+            learning_rate = engine.get_lr()[0]
+            own_norm = _grad_norm(engine) if engine.zero_optimization_stage() == 0 else None
+        engine.step()
+    elapsed = time.perf_counter() - started
+    step_metrics = mean_over_ranks(step_metrics, run.world_size)
+    step_metrics["grad_norm"] = own_norm if own_norm is not None else float(engine.get_global_grad_norm())
+    step_metrics["learning_rate"] = learning_rate
+    step_metrics["tokens_per_second"] = tokens * run.world_size / max(elapsed, 1e-9)
+    return step_metrics
 
 def _grad_norm(engine) -> float:
     """L2 norm of all gradients (ZeRO-0 keeps them on the parameters), summed over ranks' replicas
@@ -552,103 +569,3 @@ def _grad_norm(engine) -> float:
         if p.grad is not None:
             total += p.grad.detach().double().pow(2).sum().cpu()
     return math.sqrt(float(total))
-
-
-# ==================================================================== checkpoints
-
-
-def _clear_previous_run(run: Run) -> None:
-    """``train.overwrite=true``: drop the checkpoints, final weights and run.json of an earlier run in
-    this folder (its logs stay, and this run appends to them), so nothing is resumed or reused."""
-    import shutil
-
-    if run.is_main:
-        for path in (_checkpoint_root(run), run.output_dir / FINAL_DIR):
-            if path.exists():
-                shutil.rmtree(path)
-        (run.output_dir / RUN_FILE).unlink(missing_ok=True)
-    if run.world_size > 1:
-        torch.distributed.barrier()
-
-
-REFERENCE_STATE = "moving_reference"  # the client-state key of a TR-DPO reference in a checkpoint
-
-
-def _checkpoint_root(run: Run) -> Path:
-    return run.output_dir / CHECKPOINT_DIR
-
-
-def _save_checkpoint(engine, run: Run, step: int, identity: Dict[str, Any], keep: Optional[int] = None,
-                     moving_reference=None) -> None:
-    """Atomic, checksummed, verified before ``latest`` moves (:mod:`dpo_zoo.checkpoints`). A reference that
-    moves during training (TR-DPO) is saved with it, so a resumed run continues from the same reference."""
-    extra = {} if moving_reference is None else {REFERENCE_STATE: moving_reference.state_dict()}
-    checkpoints.save(engine, _checkpoint_root(run), step, identity, run, keep=keep, extra_state=extra)
-
-
-def _resume(engine, run: Run, cfg, identity: Dict[str, Any], moving_reference=None) -> int:
-    """The step of the newest checkpoint that verifies (damaged ones are reported and skipped), loaded
-    into ``engine``; 0 without one."""
-    root = _checkpoint_root(run)
-    found = checkpoints.newest_verified(root, run) if cfg.train.resume else None
-    if found is None:
-        return 0
-    changed = identity_changes(found.identity, identity)
-    if changed:
-        raise TrainingError(
-            f"the checkpoint {found.folder} was made with a different {', '.join(changed)}: resuming from it would "
-            "not give the run this config asks for. Set train.overwrite=true to start over, train.resume=false "
-            "to ignore the checkpoint, or choose another train.output_dir"
-        )
-    state = checkpoints.load(engine, found)
-    if moving_reference is not None:
-        if REFERENCE_STATE not in state:
-            raise TrainingError(f"the checkpoint {found.folder} holds no reference weights, which this run moves "
-                                "(loss.sync_ref_model=true); set train.overwrite=true to start over")
-        moving_reference.load_state_dict(state[REFERENCE_STATE])
-    if run.is_main:
-        print(f"[dpo-zoo train] resumed from {found.folder} at step {found.step}")
-        run.log({"event": "resume", "step": found.step, "checkpoint": found.tag})
-    return found.step
-
-
-def save_final(engine, tokenizer, cfg, run: Run, train_set, source, reference_mode: str, metrics) -> None:
-    """``save_pretrained`` (safetensors; the adapter alone for LoRA), tokenizer, run.json, and the Hub
-    model card ``final/README.md`` (:mod:`dpo_zoo.model_card`).
-
-    ``base_model`` is the folder the policy started from; ``base_model_source`` says where that folder
-    came from (``name_or_path``, and for a Hub model the ``revision`` asked for and the ``commit`` it
-    resolved to), so compare can fetch the same base again on a machine without that folder."""
-    final_dir = run.output_dir / FINAL_DIR
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # gathers every partition on rank 0
-    else:
-        state_dict = module.state_dict() if run.is_main else None
-    if run.is_main:
-        final_dir.mkdir(parents=True, exist_ok=True)
-        module.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
-        name, hparams = loss_hparams(cfg)
-        record = {
-            "loss": name,
-            "loss_hparams": hparams,
-            "base_model": str(source.path),
-            "base_model_source": source.record(),
-            "lora": bool(cfg.train.lora.enabled),
-            "reference": reference_mode,
-            "prepared_set": str(train_set.path),
-            "cache_key": train_set.key,
-            "metrics": metrics,
-            "steps": int(engine.global_steps),
-            "train_pairs": len(train_set),
-            "world_size": run.world_size,
-            "config": as_dict(cfg),
-        }
-        from .model_card import write_model_card
-
-        write_model_card(final_dir, json.loads(json.dumps(record, default=str)))
-        write_run_record(run.output_dir, record)  # last: it marks the run finished
-        print(f"[dpo-zoo train] saved {final_dir}")
-    if run.world_size > 1:
-        torch.distributed.barrier()

@@ -144,8 +144,7 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_listing_them(reference_r
     marker = tmp_path / "payload-ran"
     plant_payload(out / "checkpoints" / "step-0000003" / MODEL_STATES, marker)
     truncate(out / "checkpoints" / "step-0000002" / MODEL_STATES)
-    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run([sys.executable, "-m", "dpo_zoo.cli", "train", *tiny_prepared, *COMMON,
                              f"train.output_dir={out}"], capture_output=True, text=True, env=env, timeout=900)
@@ -203,11 +202,10 @@ def test_two_processes_skip_a_damaged_rank_file_together(tiny_prepared, tmp_path
     """ZeRO-2 over 2 ranks under the `deepspeed` launcher: each rank writes its own optimizer file, the
     manifest covers both, and when rank 1's file of the newest checkpoint is truncated both ranks
     resume from the one before and end bit-identical to the uninterrupted run."""
-    from dpo_zoo.trainer import _free_port
+    from dpo_zoo.distributed import _free_port
 
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     common = list(tiny_prepared) + ["train.max_steps=3", "train.save_every=1", "train.deepspeed.zero_stage=2",
                                     "train.micro_batch_size=1"]

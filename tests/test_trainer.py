@@ -129,24 +129,59 @@ def test_lora_trains_adapter_only_and_saves_it(tiny_prepared, tmp_path):
     assert losses[0] == pytest.approx(0.6931471805599453, abs=1e-6)
 
 
-def test_finished_run_is_reused_not_retrained(tiny_prepared, tmp_path):
+def files_of(folder: Path) -> dict:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_finished_run_is_reused_not_retrained(tiny_prepared, tmp_path, monkeypatch):
+    environment = dict(os.environ)
     final = run_training(tiny_prepared, tmp_path / "r")
+    assert dict(os.environ) == environment  # the one-process group's launcher variables are not left behind
     stamp = (final / "model.safetensors").stat().st_mtime_ns
-    run_training(tiny_prepared, tmp_path / "r")
+
+    # Reuse is decided before any process group or DeepSpeed engine starts (a second `make demo` is fast).
+    import dpo_zoo.trainer as trainer_module
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("a reused run started a process group")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "init_distributed", no_start)
+        assert run_training(tiny_prepared, tmp_path / "r") == final
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp
     run_training(tiny_prepared, tmp_path / "r", "train.overwrite=true")
     assert (final / "model.safetensors").stat().st_mtime_ns != stamp
 
 
 def test_finished_run_with_other_settings_is_refused_not_silently_replaced(tiny_prepared, tmp_path):
-    final = run_training(tiny_prepared, tmp_path / "r", "train.max_steps=2")
-    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    out = tmp_path / "r"
+    run_training(tiny_prepared, out, "train.max_steps=2")
+    finished = files_of(out)
     # How a run is watched does not matter: it is still the same run.
-    run_training(tiny_prepared, tmp_path / "r", "train.max_steps=2", "train.log_every=2", "train.progress=false")
-    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+    run_training(tiny_prepared, out, "train.max_steps=2", "train.log_every=2", "train.progress=false")
+    assert files_of(out) == finished
     with pytest.raises(TrainingError, match=r"different train\.learning_rate; set train\.overwrite=true"):
-        run_training(tiny_prepared, tmp_path / "r", "train.max_steps=2", "train.learning_rate=0.5")
-    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+        run_training(tiny_prepared, out, "train.max_steps=2", "train.learning_rate=0.5")
+    # Refused before anything is written: config.yaml, logs, TensorBoard files all as the finished run left them.
+    assert files_of(out) == finished
+
+
+def test_epochs_set_the_schedule_horizon(tiny_prepared, tmp_path):
+    """train.epochs=1 over T steps with a linear schedule (no warm-up): the rate of step k is
+    peak·(T − k)/T, so it reaches 0 at the end of the last step, whatever train.max_steps says."""
+    from dpo_zoo.cache import PreparedSet
+
+    prepared = Path([o.split("=", 1)[1] for o in tiny_prepared if o.startswith("prep.output_dir=")][0])
+    n_pairs = len(PreparedSet.open(prepared / "train", verify=False))
+    batch, peak = 8, 1e-3
+    steps = -(-n_pairs // batch)
+    run_training(tiny_prepared, tmp_path / "e", "train.epochs=1", f"train.micro_batch_size={batch}", "train.max_steps=100",
+                 "train.lr_schedule=linear", "train.warmup_steps=0", f"train.learning_rate={peak}")
+    records = [json.loads(line) for line in open(tmp_path / "e" / "logs.jsonl")]
+    rates = [r["learning_rate"] for r in records if "loss" in r and "learning_rate" in r]
+    assert len(rates) == steps > 2
+    assert rates == pytest.approx([peak * (steps - k) / steps for k in range(steps)], rel=1e-6)
 
 
 def test_checkpoint_of_other_settings_is_not_resumed_and_overwrite_starts_over(tiny_prepared, tmp_path):
@@ -173,10 +208,7 @@ def test_resume_after_kill_gives_the_same_weights(tiny_prepared, tmp_path):
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "dpo_zoo.cli", "train", *tiny_prepared, f"train.output_dir={out}", *common]
-    # This process set RANK/MASTER_PORT for its own one-process group; the child must make its own.
-    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env["DS_ACCELERATOR"] = "cpu"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     log_file = open(tmp_path / "killed.log", "w")
     process = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
