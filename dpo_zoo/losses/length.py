@@ -5,7 +5,7 @@ what is summed. The maths, sources and defaults are in ``docs/loss_maths.md``.
 
 * Length-normalised DPO: Lambert et al., *Tülu 3: Pushing Frontiers in Open Language Model
   Post-Training*, 2024, arXiv:2411.15124 (§5, "length-normalized DPO").
-* LD-DPO: Liu, Yuan, Xie, Zhang, Cai, Yang, Li, Zhang, *Length Desensitization in Direct Preference
+* LD-DPO: Liu et al., *Length Desensitization in Direct Preference
   Optimization*, 2024, arXiv:2409.06411.
 """
 

@@ -6,9 +6,9 @@ each reward towards an absolute target (chosen up, rejected down), which keeps t
 likelihood from collapsing. ``r(y) = β ℓ_θ(y)`` throughout. The maths, sources and defaults are in
 ``docs/loss_maths.md``.
 
-* NCA: Chen, He, Xiao, Lu, Wang, Zhu, *Noise Contrastive Alignment of Language Models with Explicit
+* NCA: Chen et al., *Noise Contrastive Alignment of Language Models with Explicit
   Rewards*, NeurIPS 2024, arXiv:2402.05369.
-* BCO: Jung, Park, Hwang, Kim, Seo, *Binary Classifier Optimization for Large Language Model
+* BCO: Jung et al., *Binary Classifier Optimization for Large Language Model
   Alignment*, 2024, arXiv:2404.04656.
 * SPPO: Wu, Sun, Yuan, Ji, Yang, Gu, *Self-Play Preference Optimization for Language Model
   Alignment*, 2024, arXiv:2405.00675 (Eq. 4.7 with hard probabilities).

@@ -38,8 +38,9 @@ def _check_smoothing(label_smoothing: float) -> None:
 
 @dataclass
 class SimPOConfig:
-    """``beta`` (β) = 2.0 and ``gamma`` (γ, the target margin) = 0.5: the official repo's defaults
-    (β = 2.0, γ/β = 0.25; the paper sweeps β ∈ [2, 10], γ/β ∈ [0, 1]); ``label_smoothing`` (ε) = 0."""
+    """``beta`` (β) = 2.0 and ``gamma`` (γ, the target margin) = 0.5, i.e. the official trainer's default
+    β = 2.0 with γ/β = 0.25 (TRL's ``simpo_gamma`` default is 0.5 as well); ``label_smoothing`` (ε) = 0.
+    The paper tunes β and γ per model."""
 
     beta: float = 2.0
     gamma: float = 0.5

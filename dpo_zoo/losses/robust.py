@@ -6,7 +6,7 @@ cDPO does, but draw different conclusions from it. The maths, sources and defaul
 
 * rDPO: Chowdhury, Kini, Natarajan, *Provably Robust DPO: Aligning Language Models with Noisy
   Feedback*, ICML 2024, arXiv:2403.00409.
-* EXO: Ji, Hu, Zhou, Chen, Li, Shan, Cheng, *Towards Efficient Exact Optimization of Language Model
+* EXO: Ji et al., *Towards Efficient Exact Optimization of Language Model
   Alignment*, ICML 2024, arXiv:2402.00856 (Eq. 16, K = 2).
 """
 

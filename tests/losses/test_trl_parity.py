@@ -446,3 +446,37 @@ def test_orpo_trainer(beta):
     assert_close(out.chosen_rewards, trl_chosen.to(F64), "chosen rewards")
     assert_close(out.rejected_rewards, trl_rejected.to(F64), "rejected rewards")
     torch.testing.assert_close(grad(zoo_loss, logits), grad(trl_loss, logits), rtol=1e-5, atol=1e-7)
+
+
+# ====================================================================== completeness
+
+
+def trl_loss_types():
+    """TRL 1.16's loss types, read from its own DPOConfig (the help of ``loss_type``)."""
+    import dataclasses
+    import re
+
+    from trl.trainer.dpo_config import DPOConfig
+
+    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata["help"]
+    return re.findall(r"`'(\w+)'`", help_text)
+
+
+def test_every_trl_loss_type_is_registered_listed_and_compared():
+    """A strict superset of TRL 1.16's objectives: each of its loss types is a registered name that
+    ``dpo-zoo losses`` prints, and this file compares it with TRL's code."""
+    import subprocess
+    import sys
+
+    from dpo_zoo.losses import registered_losses
+
+    types_ = trl_loss_types()
+    assert len(types_) == 15 and "sigmoid" in types_ and "sigmoid_norm" in types_
+    listed = subprocess.run([sys.executable, "-m", "dpo_zoo.cli", "losses"], capture_output=True, text=True, check=True).stdout
+    compared = {trl["loss_type"] for _, _, trl in SHARED} | {"ipo", "sft"}
+    for loss_type in types_:
+        assert loss_type in registered_losses(), loss_type
+        assert f"| `{loss_type}` |" in listed, loss_type
+        assert loss_type in compared, loss_type
+    for name in ("simpo", "cpo", "orpo", "rpo", "ld_dpo"):
+        assert f"| `{name}` |" in listed, name
