@@ -10,6 +10,11 @@ from dpo_zoo.config import ConfigError, load_config, loss_hparams
 from dpo_zoo.losses import LossConfigError, Need, build_loss, compute_loss, get_loss_entry
 
 # Pair 1: ℓ_w = −10 − (−12) = 2, ℓ_l = −15 − (−14) = −1, h = 3.  Pair 2: ℓ_w = ℓ_l = 0, h = 0.
+def prefixed(name, **changes):
+    """``{name.key: value}`` for every hyperparameter of registered loss ``name`` (defaults, then ``changes``)."""
+    return {f"{name}.{k}": v for k, v in {**get_loss_entry(name).defaults(), **changes}.items()}
+
+
 TENSORS = dict(
     policy_chosen_logps=[-10.0, -10.0], policy_rejected_logps=[-15.0, -15.0],
     reference_chosen_logps=[-12.0, -10.0], reference_rejected_logps=[-14.0, -15.0],
@@ -71,7 +76,8 @@ def test_needs_add_up():
 
 def test_defaults_and_parts_of_the_entry():
     entry = get_loss_entry("dpo+hinge")
-    assert entry.defaults() == {"weights": [1.0, 1.0], "dpo.beta": 0.1, "dpo.label_smoothing": 0.0, "hinge.beta": 0.1}
+    assert entry.defaults() == {"weights": [1.0, 1.0], **prefixed("dpo"), **prefixed("hinge")}
+    assert entry.defaults()["dpo.beta"] == 0.1 and entry.defaults()["hinge.beta"] == 0.1
     assert entry.components({"beta": 0.3, "hinge.beta": 0.2}) == [("dpo", {"beta": 0.3}), ("hinge", {"beta": 0.2})]
 
 
@@ -96,7 +102,7 @@ def test_config_per_part_shared_and_list_forms(tmp_path):
     cfg = load_config([], ["loss=dpo+hinge", "loss.weights=[1.0, 0.2]", "loss.beta=0.5", "loss.hinge.beta=0.2"])
     name, hparams = loss_hparams(cfg)
     assert name == "dpo+hinge"
-    assert hparams == {"weights": [1.0, 0.2], "dpo.beta": 0.5, "dpo.label_smoothing": 0.0, "hinge.beta": 0.2}
+    assert hparams == {"weights": [1.0, 0.2], **prefixed("dpo", beta=0.5), **prefixed("hinge", beta=0.2)}
     # TRL's list form, and parts' keys as nested mappings, in a YAML file.
     path = tmp_path / "mix.yaml"
     path.write_text("loss:\n  name: [dpo, hinge]\n  weights: [1.0, 0.2]\n  beta: 0.5\n  hinge:\n    beta: 0.2\n")
