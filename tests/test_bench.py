@@ -22,6 +22,7 @@ def run(args, **kwargs):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_prep_throughput_reports_both_paths_on_the_same_tokens(tiny_model_dir, tmp_path):
     out = tmp_path / "prep.json"
     printed = run(["bench/prep_throughput.py", "--model", str(tiny_model_dir), "--pairs", "8", "--batch-size", "4",
@@ -44,6 +45,7 @@ def _train_bench(tiny_model_dir, tmp_path, trainers):
     return figures
 
 
+@pytest.mark.slow
 def test_train_throughput_times_dpo_zoo_steps(tiny_model_dir, tmp_path):
     figures = _train_bench(tiny_model_dir, tmp_path, "dpo_zoo")
     ours = figures["trainers"]["dpo_zoo"]
@@ -52,6 +54,7 @@ def test_train_throughput_times_dpo_zoo_steps(tiny_model_dir, tmp_path):
     assert ours["peak_rss_mb"] > 0
 
 
+@pytest.mark.slow
 def test_train_throughput_against_trl_is_like_for_like(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the TRL comparison needs the bench extra: pip install -e '.[bench]'")
     figures = _train_bench(tiny_model_dir, tmp_path, "dpo_zoo,trl_live,trl_precompute")
@@ -67,6 +70,7 @@ def test_train_throughput_against_trl_is_like_for_like(tiny_model_dir, tmp_path)
 
 @pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
                     reason="no Chromium installed (apt-get install -y chromium)")
+@pytest.mark.slow
 def test_screenshot_script_renders_a_report(tmp_path):
     report = tmp_path / "report.html"
     report.write_text("<html><body><h1>dpo_zoo compare</h1><table><tr><td>dpo</td><td>0.69</td></tr></table>"

@@ -138,6 +138,7 @@ def test_truncated_checkpoint_is_skipped_and_the_run_ends_bit_identical(referenc
     assert verify(out / "checkpoints" / "step-0000003")[1] == []
 
 
+@pytest.mark.slow
 def test_when_every_checkpoint_is_damaged_the_run_stops_listing_them(reference_run, tiny_prepared, tmp_path):
     """Through a real process: exit status, message, and no traceback on either stream."""
     out = interrupted_copy(reference_run, tmp_path)

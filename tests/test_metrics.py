@@ -214,6 +214,7 @@ def test_evaluate_modules_load_offline_and_agree_with_the_functions(evaluate_mod
     assert kl["kl_rb"] == 2.5 and kl["kl_rb_stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)
 
 
+@pytest.mark.slow
 def test_evaluate_load_needs_no_network(tmp_path):
     """A fresh interpreter with every Hugging Face offline switch on, an empty HF cache and a dead proxy
     (any request would fail) loads and runs a module by path."""

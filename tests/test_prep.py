@@ -365,6 +365,7 @@ KILLED_PREP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_rerun_gives_an_identical_cache(workdir, monkeypatch):
     """SIGKILL (no cleanup runs) after the first shard lands and a random extra delay, then rerun:
     finished shards are kept as they are and the result is byte-identical to an uninterrupted run."""
@@ -498,6 +499,7 @@ def test_cli_prep_and_verify(workdir, capsys):
 # ---------------------------------------------------------------- several processes
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_shards(workdir):
     """torchrun with 2 CPU processes: rank r writes shards r, r+2, ...; the result is byte-identical to
     one process running with the same number of threads."""

@@ -66,6 +66,7 @@ def cli(*args, cwd=REPO):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_readme_prep_train_compare(tiny_model_dir, tmp_path):
     """The README's prep / verify / train / compare --losses all, on its own config, reduced."""
     reduced = [

@@ -659,6 +659,7 @@ def measure(B, T, V, chunks, risk="cvar"):
     return {r["chunk"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
 
 
+@pytest.mark.slow
 def test_memory_scales_with_chunk_size_not_with_positions():
     """2 × 32 × 32,768 fp32 (8 MB per tensor, 64 response positions per side, 16 MB of policy
     gradients). A chunk's work (forward, or the recomputation autograd keeps for its backward) is
