@@ -238,8 +238,8 @@ def test_a_hub_data_sets_moved_commit_is_a_miss_that_names_it(workdir, monkeypat
 
     read, commit = data_prep.load_splits, {"now": "a" * 40}
 
-    def from_the_hub(data_cfg):
-        splits = read(data_cfg)
+    def from_the_hub(data_cfg, *args, **kwargs):
+        splits = read(data_cfg, *args, **kwargs)
         splits.origin = {"hub": "org/prefs", "revision": "main", "commit": commit["now"], "split": "train"}
         return splits
 
