@@ -233,3 +233,18 @@ def test_plain_lists_are_accepted_as_tensors():
     assert from_lists.losses[0].item() == pytest.approx(0.6684596, abs=1e-6)
     with pytest.raises(LossInputError, match="`policy_chosen_logps`: expected a tensor"):
         compute_loss("dpo", **{**as_lists, "policy_chosen_logps": "not numbers"})
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not build_loss(n).needs_reference])
+def test_reference_free_losses_run_without_any_reference_input(name):
+    """A loss that declares no reference computes the same losses and gradients with every reference
+    tensor removed (it needs none, and the values it would get do not matter)."""
+    loss = build_loss(name)
+    policy_logits, tensors = make_inputs(seed=3)
+    without = {k: v for k, v in tensors.items() if not k.startswith("reference_")}
+    check_inputs(loss, PairBatch(**without))
+    full, bare = loss(PairBatch(**tensors)), loss(PairBatch(**without))
+    torch.testing.assert_close(bare.losses, full.losses, rtol=0, atol=0)
+    (g_full,) = torch.autograd.grad(full.losses.sum(), policy_logits, retain_graph=True)
+    (g_bare,) = torch.autograd.grad(bare.losses.sum(), policy_logits)
+    torch.testing.assert_close(g_bare, g_full, rtol=0, atol=0)
