@@ -6,8 +6,8 @@ Layout of ``<train.output_dir>/checkpoints``::
         mp_rank_00_model_states.pt       module weights, LR scheduler, client state (the step)
         *_optim_states.pt                optimizer state (one file per rank under ZeRO)
         manifest.json                    written last inside the folder: format, step, the run's
-                                         identity (resolved settings + prepared-set cache key) and
-                                         each file's bytes and sha256
+                                         identity (resolved settings + prepared-set cache key, and
+                                         the number of processes) and each file's bytes and sha256
     step-0000200/
     latest                             the tag of the newest verified checkpoint (DeepSpeed's own
                                        convention, so its tools such as zero_to_fp32.py find it)
@@ -33,8 +33,9 @@ mismatch, an unreadable file or a pickled object that safe loading refuses is ca
 damaged or possibly tampered file. Nothing of a refused file runs, and no message suggests turning
 safe loading off. When checkpoints exist and none verifies, the run stops with a
 :class:`~dpo_zoo.errors.CheckpointError` listing each one and why. A checkpoint is resumed only if
-its identity matches the run's settings; the trainer checks that (it is a question of the run, not of
-the files).
+its identity matches the run's settings and it was written by as many processes as the run has; the
+trainer checks that (it is a question of the run, not of the files). Another number of processes is
+refused: ZeRO splits the optimizer state per rank, and a step's pairs depend on the global batch.
 
 The main rank does the verifying and tells the other ranks which tag to load, so every rank loads the
 same checkpoint and every rank raises the same error.

@@ -184,6 +184,9 @@ class TrainConfig:
     # Keep only the newest N checkpoints (null: keep all). Older ones are deleted only after a newer
     # one has been written and verified.
     keep_checkpoints: Optional[int] = None
+    # Seconds a collective (all-reduce, gather, barrier) waits for every rank before the run stops,
+    # naming the rank(s) that did not answer and the last checkpoint (a lost node).
+    distributed_timeout_s: float = 1800.0
     # Resume from the last checkpoint in output_dir when there is one.
     resume: bool = True
     # A finished run with the same config is reused (not retrained) unless this is true.
@@ -504,6 +507,8 @@ def _check_values(cfg: DictConfig) -> List[str]:
             errors.append(f"`{key}`: must be >= 0, got {value!r}")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         errors.append(f"`data.heldout_fraction`: must be in [0, 1), got {cfg.data.heldout_fraction}")
+    if not cfg.train.distributed_timeout_s > 0:
+        errors.append(f"`train.distributed_timeout_s`: must be > 0, got {cfg.train.distributed_timeout_s}")
     if cfg.train.keep_checkpoints is not None and cfg.train.keep_checkpoints < 1:
         errors.append(f"`train.keep_checkpoints`: must be >= 1 (or null: keep all), got {cfg.train.keep_checkpoints}")
     from .tracking import report_to_names

@@ -47,16 +47,20 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed() -> Tuple[int, int, int]:
+def init_distributed(timeout_s: float = 1800.0) -> Tuple[int, int, int]:
     """Join torch.distributed through DeepSpeed (gloo on CPU); a plain `python` run is world 1.
+    ``timeout_s``: how long a collective waits for every rank (``train.distributed_timeout_s``).
     Returns (rank, world size, local rank)."""
+    from . import peers
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if not torch.distributed.is_initialized():
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
         with launcher_environment():
-            deepspeed.init_distributed(dist_backend=backend)
+            deepspeed.init_distributed(dist_backend=backend, timeout=peers.timeout(timeout_s))
+            peers.record_addresses()
     return (
         torch.distributed.get_rank(),
         torch.distributed.get_world_size(),

@@ -39,7 +39,8 @@ RUN_RECORD_FIELDS = ("loss", "loss_hparams", "base_model")
 # a finished run is reused, and a checkpoint resumed (also in a moved or copied run folder), whatever
 # their values.
 WATCH_ONLY_SETTINGS = ("output_dir", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                       "overwrite", "resume", "report_to", "project", "run_name")
+                       "overwrite", "resume", "report_to", "project", "run_name",
+                       "distributed_timeout_s")
 
 
 class RunFolderError(UserError, ValueError):

@@ -43,7 +43,9 @@ def save_checkpoint(engine, run, step: int, identity: Dict[str, Any], keep: Opti
     """Atomic, checksummed, verified before ``latest`` moves (:mod:`dpo_zoo.checkpoints`). A reference that
     moves during training (TR-DPO) is saved with it, so a resumed run continues from the same reference."""
     extra = {} if moving_reference is None else {REFERENCE_STATE: moving_reference.state_dict()}
-    checkpoints.save(engine, _checkpoint_root(run), step, identity, run, keep=keep, extra_state=extra)
+    # The number of processes is recorded beside the identity: a resume must have the same (see resume).
+    checkpoints.save(engine, _checkpoint_root(run), step, {**identity, "world_size": run.world_size}, run, keep=keep,
+                     extra_state=extra)
 
 
 def resume(engine, run, cfg, identity: Dict[str, Any], moving_reference=None) -> int:
@@ -53,6 +55,15 @@ def resume(engine, run, cfg, identity: Dict[str, Any], moving_reference=None) ->
     found = checkpoints.newest_verified(root, run) if cfg.train.resume else None
     if found is None:
         return 0
+    written_by = found.identity.get("world_size")
+    if written_by is not None and written_by != run.world_size:
+        # ZeRO splits the optimizer state (and under ZeRO-3 the weights) per rank, and the pairs of a step
+        # are positions of the global batch, which counts the ranks: another world size is another run.
+        raise TrainingError(
+            f"the checkpoint {found.folder} was written by {written_by} processes and this run has "
+            f"{run.world_size}: resuming with another number of processes is not supported. Run it again with "
+            f"{written_by} processes, or start over (train.resume=false, or another train.output_dir)"
+        )
     changed = identity_changes(found.identity, identity)
     if changed:
         raise TrainingError(

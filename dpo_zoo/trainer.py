@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import peers
 from .batching import Collated, cache_reference_fields, collate, columns_to_read, loss_wants, pair_batch
 from .config import as_dict, loss_hparams, save_resolved
 from .distributed import init_distributed, launcher_environment, launcher_world_size, mean_over_ranks
@@ -41,7 +42,7 @@ from .engine import build_engine
 from .errors import CacheError, TrainingError
 from .losses import Loss, LossOutput, Need, build_loss
 from .losses.options import soft_update
-from .run_folder import CONFIG_FILE, FINAL_DIR, LOGS_FILE, finished_run_changes, training_identity
+from .run_folder import CHECKPOINT_DIR, CONFIG_FILE, FINAL_DIR, LOGS_FILE, finished_run_changes, training_identity
 from .saving import clear_previous_run, resume, save_checkpoint, save_final
 
 # ==================================================================== setup
@@ -88,7 +89,7 @@ def open_run(cfg) -> Iterator[Run]:
     from .tracking import open_trackers
 
     trackers = open_trackers(cfg, as_dict(cfg))  # every rank: a missing tracker package stops them all
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(cfg.train.distributed_timeout_s)
     accelerator = get_accelerator()
     device = torch.device("cpu") if accelerator.device_name() == "cpu" else torch.device(accelerator.device_name(local_rank))
     output_dir = Path(cfg.train.output_dir)
@@ -459,6 +460,8 @@ def train(cfg) -> Path:
     max_steps = count_steps(t, len(train_set), launcher_world_size())
 
     with contextlib.ExitStack() as resources:  # every exit path closes what was opened
+        # A peer lost on the way (a collective fails) is a TrainingError naming its rank and the last checkpoint.
+        resources.enter_context(peers.lost_peer_as_error(Path(t.output_dir) / CHECKPOINT_DIR))
         # ---- setup: run folder, policy, engine, reference, resume. DeepSpeed reads the launcher's
         # variables while the engine lives (ZeRO-3 on every forward); a plain `python` run gets them
         # for this block only.

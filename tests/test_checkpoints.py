@@ -94,7 +94,8 @@ def test_checkpoints_are_manifested_verified_and_only_the_newest_kept(reference_
     assert not list(root.glob(".*"))  # no temporary folders left
     manifest = json.loads((root / "step-0000003" / MANIFEST).read_text())
     assert manifest["step"] == 3
-    assert set(manifest["identity"]) == {"config", "cache_key"}
+    assert set(manifest["identity"]) == {"config", "cache_key", "world_size"}
+    assert manifest["identity"]["world_size"] == 1
     assert manifest["identity"]["config"]["loss"]["name"] == "sampo"
     assert MODEL_STATES in manifest["files"]
     assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())

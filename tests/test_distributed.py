@@ -1,4 +1,5 @@
-"""Two processes under the real `deepspeed` launcher (gloo on the CPU) train like one process."""
+"""Two processes started by launch/single_node.sh (the real `deepspeed` launcher; gloo on the CPU) train
+like one process."""
 
 import json
 import os
@@ -25,12 +26,11 @@ def test_two_process_zero2_matches_one_process(tiny_prepared, tmp_path):
     DeepSpeed averages the ranks' gradients: the per-step losses agree."""
     common = list(tiny_prepared) + ["train.max_steps=3", "train.deepspeed.zero_stage=2", "train.learning_rate=1e-5"]
     two = tmp_path / "two"
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    assert launcher, "the deepspeed launcher is installed with the deepspeed package"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    assert shutil.which("deepspeed", path=os.path.dirname(sys.executable)), "installed with the deepspeed package"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "NUM_GPUS": "2", "MASTER_PORT": str(_free_port()),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     result = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dpo_zoo.cli", "train",
-         *common, "train.micro_batch_size=1", f"train.output_dir={two}"],
+        ["bash", str(Path(__file__).resolve().parents[1] / "launch" / "single_node.sh"), "train", *common, "train.micro_batch_size=1", f"train.output_dir={two}"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

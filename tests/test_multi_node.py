@@ -187,3 +187,56 @@ def test_two_nodes_prep_writes_the_one_process_cache(two_nodes, tiny_model_dir, 
                 (tmp_path / "one" / split / shard["file"]).read_bytes()
     written_by = {json.loads(p.read_text())["written_by"]["rank"] for p in (tmp_path / "two" / "train").glob("shard-*.json")}
     assert written_by == {0, 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lost_node_stops_the_other_and_the_rerun_resumes(two_nodes, tiny_prepared, tmp_path, zero_stage):
+    """Node 1 is killed (its launcher and process, as a machine that dies) during training, after the
+    step-2 checkpoint. Node 0 stops within the collective timeout with a message naming rank 1 and the
+    last checkpoint; the same command, run again on both nodes, resumes there and ends with weights
+    identical to an uninterrupted run's (the same computation: same ranks, same batches). One process
+    cannot resume that checkpoint: another world size is a clear error."""
+    timeout_s = 60
+    common = ["train", *tiny_prepared, "train.max_steps=10", "train.save_every=2", "train.micro_batch_size=1",
+              f"train.deepspeed.zero_stage={zero_stage}", "train.learning_rate=1e-4",
+              f"train.distributed_timeout_s={timeout_s}"]
+    two_nodes.run([*common, f"train.output_dir={tmp_path / 'whole'}"], "whole")
+
+    out = tmp_path / "cut"
+    node0, node1 = two_nodes.start([*common, f"train.output_dir={out}"], "cut")
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "latest").exists():
+        assert node0.poll() is None and node1.poll() is None, two_nodes.log("cut", 0)[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.05)
+    os.killpg(node1.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    node1.wait()
+    node0.wait(timeout=timeout_s + 120)
+    stopped_after = time.monotonic() - killed
+    log = two_nodes.log("cut", 0)
+    assert node0.returncode != 0, log[-3000:]
+    assert not (out / "final").exists(), "the run ended before node 1 was killed: nothing was lost"
+    assert stopped_after < timeout_s + 30, f"node 0 took {stopped_after:.0f} s to stop"
+    assert "a peer process stopped responding (rank 1 at 10.77.0.2)" in log, log[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert f"Last checkpoint: {out / 'checkpoints' / tag}" in log
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"DS_ACCELERATOR": "cpu"}
+    alone = subprocess.run([sys.executable, "-m", "dpo_zoo.cli", *common, "train.micro_batch_size=2",
+                            f"train.output_dir={out}"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    said = alone.stdout + alone.stderr
+    assert alone.returncode != 0 and "was written by 2 processes and this run has 1" in said, said[-2000:]
+
+    two_nodes.run([*common, f"train.output_dir={out}"], "again")
+    assert f"resumed from" in two_nodes.log("again", 0)
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(out)
+    assert all(torch_equal(whole[name], resumed[name]) for name in whole)
+    print(f"node 0 stopped {stopped_after:.1f} s after node 1 was killed (resumed from {tag})")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

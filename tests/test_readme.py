@@ -22,8 +22,9 @@ EXERCISED = {
     "dpo-zoo compare runs/demo/dpo --data prepared/demo/heldout --losses all": "test_readme_prep_train_compare",
     "dpo-zoo study configs/experiments/sentiment_frontier.yaml": "tests/test_study.py (the same study, reduced; the config loads)",
     "bash launch/single_node.sh": "tests/test_distributed.py (2 processes under this script's launcher command)",
-    "HOSTFILE=launch/hostfile bash launch/multi_node.sh": "test_launch_scripts_parse_and_fail_clearly",
-    "sbatch --nodes=2 launch/slurm.sbatch": "test_launch_scripts_parse_and_fail_clearly",
+    "HOSTFILE=launch/hostfile bash launch/multi_node.sh": "tests/test_multi_node.py (two nodes in network namespaces, train and prep)",
+    "NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=launch/hostfile bash launch/multi_node.sh": "tests/test_multi_node.py (how each node is started there)",
+    "sbatch --nodes=2 launch/slurm.sbatch": "tests/test_launch.py (under stand-ins for scontrol and srun)",
 }
 
 
