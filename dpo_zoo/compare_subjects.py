@@ -200,7 +200,10 @@ def load_policy(subject: Subject, cfg, device: torch.device):
         if not (subject.weights_dir / "adapter_model.safetensors").is_file():
             raise CompareError(f"{subject.weights_dir}: a PEFT adapter folder without adapter_model.safetensors")
         base = load_model(subject.base_model, dtype="float32", trust_remote_code=remote)
-        model = PeftModel.from_pretrained(base, str(subject.weights_dir), is_trainable=False)
+        from .models import peft_wrapping
+
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base, str(subject.weights_dir), is_trainable=False)
     else:
         model = load_model(subject.weights_dir, dtype="float32", trust_remote_code=remote)
     return model.to(device).eval().requires_grad_(False)

@@ -26,6 +26,15 @@ from .logps import completion_logps
 from .metrics import functions as M
 
 
+def _cache_keyword(model) -> str:
+    """The name ``model.forward`` takes the key/value cache under: ``cache`` in recent transformers
+    (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float64).numpy()
 
@@ -51,6 +60,7 @@ def sample_completions(model, prompts: Sequence[Sequence[int]], *, max_new_token
     """
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
+    cache_keyword = _cache_keyword(model)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -60,7 +70,7 @@ def sample_completions(model, prompts: Sequence[Sequence[int]], *, max_new_token
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = getattr(out, cache_keyword), out.logits[:, -1]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     steps: List[torch.Tensor] = []
     for step in range(max_new_tokens):
@@ -75,8 +85,8 @@ def sample_completions(model, prompts: Sequence[Sequence[int]], *, max_new_token
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    use_cache=True, **{cache_keyword: cache})
+        cache, logits = getattr(out, cache_keyword), out.logits[:, -1]
     tokens = torch.stack(steps, dim=1).cpu().tolist()
     return [[t for t in row if t >= 0] for row in tokens]
 

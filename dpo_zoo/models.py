@@ -604,3 +604,15 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around wrapping a model in a PEFT adapter (``get_peft_model``, ``PeftModel.from_pretrained``):
+    peft reads the model's ``is_gradient_checkpointing``, which transformers 5 deprecates in favour of
+    ``is_activation_checkpointing``; that one FutureWarning (peft's access, not ours) is not shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

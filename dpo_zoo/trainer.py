@@ -199,17 +199,20 @@ def load_policy(cfg, run: Run):
     if cfg.train.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        from .models import peft_wrapping
+
         lora = cfg.train.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
+        with peft_wrapping():
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            )
         if source.from_hub:
             # adapter_config.json then names the base as the Hub knows it (repo and commit), so the
             # adapter loads anywhere with `PeftModel.from_pretrained`, not only beside this snapshot folder.

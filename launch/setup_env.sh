@@ -31,7 +31,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0"
   "$PY" -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+# Read from the package metadata, not by importing torch: before dpo_zoo's dependencies are installed,
+# importing torch warns that NumPy is missing.
+TORCH_VERSION="$("$PY" -c 'from importlib.metadata import version; print(version("torch").split("+")[0])')"
 CONSTRAINT="$VENV/torch-constraint.txt"
 echo "torch==$TORCH_VERSION" > "$CONSTRAINT"
 

@@ -431,7 +431,7 @@ def test_truncated_or_pickled_final_weights_are_clear_errors(tiny_prepared, tiny
     and an adapter saved as a pickle, which it never unpickles; the CLI prints it plainly and exits 2."""
     from peft import LoraConfig, get_peft_model
 
-    from dpo_zoo.models import load_model
+    from dpo_zoo.models import load_model, peft_wrapping
 
     heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
 
@@ -457,7 +457,8 @@ def test_truncated_or_pickled_final_weights_are_clear_errors(tiny_prepared, tiny
     assert "truncated or damaged" in err
 
     adapter = tmp_path / "adapter"
-    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with peft_wrapping():
+        model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(adapter / "final", safe_serialization=True)
     (adapter / "run.json").write_text(json.dumps({"loss": "dpo", "loss_hparams": {"beta": 0.1},
                                                   "base_model": str(tiny_model_dir), "lora": True}))
