@@ -671,3 +671,10 @@ def describe_needs(entry: RegisteredLoss) -> List[str]:
     if not cls(cls.Config(**entry.presets)).needs_reference:
         out.append("no reference")
     return out
+
+
+def check_beta(beta: float) -> None:
+    """β > 0, shared by every loss with a β (here, below every family, so that no family imports another
+    for it)."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Loss, LossOutput, Need, PairBatch, register_loss
+from .base import check_beta  # noqa: F401  (the losses import it from here too)
 
 
 def margin_output(losses, chosen_rewards, rejected_rewards) -> LossOutput:
@@ -24,11 +25,6 @@ def margin_output(losses, chosen_rewards, rejected_rewards) -> LossOutput:
         rejected_rewards=rejected_rewards,
         metrics={"win_prob": torch.sigmoid(chosen_rewards - rejected_rewards)},
     )
-
-
-def check_beta(beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
 
 
 @dataclass
