@@ -25,6 +25,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_prep.load import PREPROCESSORS
+
+
+def one_of(default: str, *allowed: str) -> Any:
+    """A string field whose allowed values are declared with it (checked at load, beside the field)."""
+    return field(default=default, metadata={"one_of": allowed})
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -76,8 +83,8 @@ class HubDataConfig:
 
 @dataclass
 class DataConfig:
-    # Which preprocessor reads the data: generic | hh_rlhf | vader | ultrafeedback.
-    preprocessor: str = "generic"
+    # Which preprocessor reads the data: generic | hh_rlhf | vader | ultrafeedback | reward_pairs (data_prep's list).
+    preprocessor: str = one_of("generic", *PREPROCESSORS)
     # A Hub data set (or a local folder laid out like one) instead of train_path / heldout_path.
     hub: HubDataConfig = field(default_factory=HubDataConfig)
     # jsonl / jsonl.gz / json / parquet file, or a saved `datasets` folder. For `vader`: the
@@ -86,15 +93,17 @@ class DataConfig:
     # A separate held-out file; when null, `heldout_fraction` of the pairs are held out
     # (deterministically, by a hash of each pair's id).
     heldout_path: Optional[str] = None
+    # Share of the pairs held out when there is no heldout_path / heldout_split (in [0, 1)).
     heldout_fraction: float = 0.1
     # Keep at most this many pairs of each split (the first ones, in file order); null keeps all.
     max_train_pairs: Optional[int] = None
+    # The same for the held-out split.
     max_heldout_pairs: Optional[int] = None
     # Rename columns of the source to the TRL schema: {prompt: question, chosen: good, ...}.
     columns: Dict[str, str] = field(default_factory=dict)
     # error: stop at the first bad row, naming file, row and field. skip: drop bad rows and write a
     # drop report (counts by reason, and each dropped row) next to the prepared set.
-    on_bad_row: str = "error"
+    on_bad_row: str = one_of("error", "error", "skip")
     # Exact duplicate rows (equal in every column, across the files read) are counted and reported as a
     # warning; true also drops them (as "duplicate row" in the drop report).
     drop_duplicate_rows: bool = False
@@ -113,7 +122,7 @@ class PrepConfig:
     # one completion token makes the row a bad row, "completion truncated to nothing").
     max_prompt_length: Optional[int] = 256
     # Which end of an over-long prompt to keep: keep_end (the most recent turns) | keep_start.
-    truncation_mode: str = "keep_end"
+    truncation_mode: str = one_of("keep_end", "keep_end", "keep_start")
     # auto: the tokenizer's chat template for conversational data, plain text otherwise.
     # none: never apply a template. Any other string: a Jinja chat template to use.
     chat_template: str = "auto"
@@ -121,9 +130,12 @@ class PrepConfig:
     # stores no reference log-probs (its key says `reference_source: none`). Enough for reference-free
     # losses; a loss that needs the reference refuses such a set unless trained with train.reference=live.
     reference: bool = True
+    # Pairs per forward pass (both sides: 2 × this sequences).
     batch_size: int = 8
+    # Pairs per shard of the prepared set (a shard is written, checksummed and resumed as a unit).
     shard_size: int = 256
-    dtype: str = "float32"
+    # The reference model's precision in the reference pass.
+    dtype: str = one_of("float32", "float32", "bfloat16", "float16", "float64")
     # Also store the reference's top-k log-probs per position and the leftover mass (0: off). Needed by
     # losses that declare vocab_logps (ra_dpo, tdpo) to train without a live reference.
     topk: int = 0
@@ -141,45 +153,65 @@ class DeepSpeedConfig:
     config_file: Optional[str] = None
     # ZeRO stage 0-3; null: the file's stage, or 0 without a file.
     zero_stage: Optional[int] = None
+    # ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed's own AdamW).
     offload_optimizer: bool = False
+    # ZeRO-3 parameter offload to the CPU.
     offload_param: bool = False
 
 
 @dataclass
 class LoraConfig:
+    # Train LoRA adapters (peft) instead of every weight; the reference is then the adapter switched off.
     enabled: bool = False
+    # Rank of each adapter.
     r: int = 16
+    # LoRA scaling numerator: the update is (alpha / r) · B·A.
     alpha: int = 32
+    # Dropout on the adapter's input.
     dropout: float = 0.0
+    # Module names (peft's target_modules) that get adapters.
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
 class TrainConfig:
+    # The run folder (dpo_zoo/run_folder.py): logs, checkpoints, final/, run.json.
     output_dir: str = "runs/${loss.name}"
+    # Seeds the data order, the losses' random draws and torch.
     seed: int = 42
+    # Optimizer steps of the run (unless epochs is set).
     max_steps: int = 100
+    # Passes over the training pairs; when set, it decides the step count instead of max_steps.
     epochs: Optional[int] = None
+    # Pairs per forward/backward pass on each process.
     micro_batch_size: int = 4
+    # Micro-batches per optimizer step (a step sees micro_batch_size × this × processes pairs).
     gradient_accumulation_steps: int = 1
+    # Peak learning rate of AdamW.
     learning_rate: float = 5e-7
+    # AdamW's decoupled weight decay.
     weight_decay: float = 0.0
+    # Steps of linear warm-up from 0 to learning_rate, before lr_schedule.
     warmup_steps: int = 0
     # After a linear warm-up: constant | linear | cosine (to 0 at the last step) | cosine_with_min_lr
     # (to min_lr_ratio × peak) | warmup_stable_decay (peak, then its last decay_steps down to min_lr_ratio × peak).
-    lr_schedule: str = "linear"
+    lr_schedule: str = one_of("linear", "constant", "linear", "cosine", "cosine_with_min_lr", "warmup_stable_decay")
     # cosine_with_min_lr and warmup_stable_decay: the final rate as a fraction of the peak (null: 0).
     min_lr_ratio: Optional[float] = None
     # warmup_stable_decay: how many final steps the decay takes (required by that schedule).
     decay_steps: Optional[int] = None
+    # Gradients are clipped to this global L2 norm.
     max_grad_norm: float = 1.0
     # float32 | bfloat16
-    precision: str = "float32"
+    precision: str = one_of("float32", "float32", "bfloat16")
     # cache: reference values from the prepared set. live: run the reference model during training.
     # auto: the cache when it holds what the loss needs, else live.
-    reference: str = "auto"
+    reference: str = one_of("auto", "auto", "cache", "live")
+    # Log the step metrics every N steps (and at the last step); 0: only the last.
     log_every: int = 1
+    # Evaluate on the held-out set every N steps (0: only at the end).
     eval_every: int = 0
+    # Write a checkpoint every N steps (0: none).
     save_every: int = 0
     # Keep only the newest N checkpoints (null: keep all). Older ones are deleted only after a newer
     # one has been written and verified.
@@ -191,6 +223,7 @@ class TrainConfig:
     resume: bool = True
     # A finished run with the same config is reused (not retrained) unless this is true.
     overwrite: bool = False
+    # Show progress bars.
     progress: bool = True
     # Where metrics go besides logs.jsonl (always written): a name or a list of names among
     # tensorboard (into <output_dir>/tensorboard), wandb, mlflow, trackio; none for none. wandb, mlflow
@@ -201,19 +234,27 @@ class TrainConfig:
     project: str = "dpo_zoo"
     # The run's name in those trackers; null: the name of output_dir.
     run_name: Optional[str] = None
+    # Recompute activations in the backward pass (less memory, more compute).
     gradient_checkpointing: bool = False
+    # LoRA adapters (see LoraConfig).
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # The DeepSpeed engine (see DeepSpeedConfig).
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
 class CompareConfig:
+    # Where the report is written: summary.md/json, pairs.csv/parquet, report.html.
     output_dir: str = "reports/compare"
+    # Pairs per forward pass (both sides: 2 × this sequences).
     batch_size: int = 8
     # Sampled completions per held-out prompt for the KL and entropy estimates (0: skip).
     kl_samples: int = 2
+    # Held-out prompts (spread evenly through the set) the KL samples start from.
     kl_prompts: int = 32
+    # Longest sampled completion, in tokens.
     kl_max_new_tokens: int = 48
+    # Show progress bars.
     progress: bool = True
     # Recompute even when output_dir already holds this comparison (same runs, data and settings).
     overwrite: bool = False
@@ -221,26 +262,35 @@ class CompareConfig:
 
 @dataclass
 class ExperimentConfig:
+    # The policy's starting point, and the reference.
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Where the preference pairs come from and how they are read.
     data: DataConfig = field(default_factory=DataConfig)
+    # Tokenization and the reference pass (the prepared set).
     prep: PrepConfig = field(default_factory=PrepConfig)
+    # The trainer.
     train: TrainConfig = field(default_factory=TrainConfig)
     # `name` picks the loss; every other key is a hyperparameter of that loss (checked against it).
     # `plugin` imports a module that registers extra losses (pkg.module or pkg.module:Obj).
     loss: Dict[str, Any] = field(default_factory=lambda: {"name": "dpo"})
+    # dpo-zoo compare.
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
-# Values checked beyond their type: key -> (allowed values) or a predicate with its description.
-CHOICES: Dict[str, Tuple[str, ...]] = {
-    "data.preprocessor": ("generic", "hh_rlhf", "vader", "ultrafeedback", "reward_pairs"),
-    "data.on_bad_row": ("error", "skip"),
-    "prep.truncation_mode": ("keep_end", "keep_start"),
-    "prep.dtype": ("float32", "bfloat16", "float16", "float64"),
-    "train.lr_schedule": ("constant", "linear", "cosine", "cosine_with_min_lr", "warmup_stable_decay"),
-    "train.precision": ("float32", "bfloat16"),
-    "train.reference": ("auto", "cache", "live"),
-}
+def _declared_choices(schema: type, prefix: str = "") -> Dict[str, Tuple[str, ...]]:
+    """Dotted key -> allowed values, for every field declared with :func:`one_of`."""
+    out: Dict[str, Tuple[str, ...]] = {}
+    hints = {f.name: f for f in dataclasses.fields(schema)}
+    for name, f in hints.items():
+        if "one_of" in f.metadata:
+            out[prefix + name] = tuple(f.metadata["one_of"])
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out.update(_declared_choices(f.default_factory, f"{prefix}{name}."))
+    return out
+
+
+# Values checked beyond their type: key -> allowed values (declared with their fields, above).
+CHOICES: Dict[str, Tuple[str, ...]] = _declared_choices(ExperimentConfig)
 POSITIVE = (
     "prep.max_length",
     "prep.max_prompt_length",

@@ -189,3 +189,31 @@ def test_the_default_check_catches_a_restated_default(tmp_path):
     restated = tmp_path / "x.yaml"
     restated.write_text("train:\n  max_steps: 100\n  seed: 7\nloss:\n  name: dpo\n  beta: 0.1\n  label_smoothing: 0.2\n")
     assert settings_equal_to_defaults(restated) == ["train.max_steps: 100", "loss.name: 'dpo'", "loss.beta: 0.1"]
+
+
+def test_every_config_field_is_explained_where_it_is_defined():
+    """Each field of the config dataclasses has a comment on the line above it (or after it)."""
+    import ast
+
+    source = (REPO_ROOT / "dpo_zoo" / "config.py").read_text().split("\n")
+    tree = ast.parse("\n".join(source))
+    bare = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and node.name != "ConfigError":
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign):
+                    line = source[item.lineno - 1]
+                    if not source[item.lineno - 2].strip().startswith("#") and "#" not in line:
+                        bare.append(f"{node.name}.{item.target.id}")
+    assert not bare, f"fields without a comment: {bare}"
+
+
+def test_allowed_values_are_declared_with_their_fields():
+    from dpo_zoo.config import CHOICES
+
+    from data_prep.load import PREPROCESSORS
+
+    assert CHOICES["data.preprocessor"] == tuple(PREPROCESSORS)  # one list, data_prep's
+    assert CHOICES["train.lr_schedule"] == ("constant", "linear", "cosine", "cosine_with_min_lr", "warmup_stable_decay")
+    with pytest.raises(ConfigError, match=r"`train.lr_schedule`: 'cosin' is not one of constant, linear"):
+        load_config([], ["train.lr_schedule=cosin"])
