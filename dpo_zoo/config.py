@@ -142,6 +142,10 @@ class PrepConfig:
     # Bring your own reference log-probs: a jsonl/parquet with `id` and either `ref_chosen_logps` /
     # `ref_rejected_logps` (sums) or `ref_chosen_token_logps` / `ref_rejected_token_logps` (lists).
     reference_logps_path: Optional[str] = None
+    # Partition the reference model's parameters across the prep processes (DeepSpeed ZeRO-3 inference):
+    # each holds 1/W of them after loading (loading still reads whole checkpoint files on every rank).
+    # The cache is the same as without it.
+    zero3: bool = False
     # Progress bars (off in tests and CI logs when false).
     progress: bool = True
 

@@ -172,7 +172,9 @@ def reference_pass(
     the top-k distribution per completion position, from one :func:`completion_logps` call per batch."""
     results: Dict[Tuple[int, str], SideReference] = {}
     for batch in plan_batches(rows, batch_size, pad_id):
-        with torch.inference_mode():
+        # no_grad rather than inference_mode for a ZeRO-3 partitioned model: its gathered weights are
+        # written and freed in place around each layer, which inference tensors forbid.
+        with torch.no_grad() if getattr(model, "ds_partitioned", False) else torch.inference_mode():
             out = completion_logps(
                 model,
                 batch.input_ids.to(device),
@@ -480,10 +482,22 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
     if len(todo) < len(mine):
         say(processes, f"{split}: {len(mine) - len(todo)} of {len(mine)} shards already done, kept")
     device = processes.device()
-    if todo and context.reference["source"] == "model" and model is None:
+    pad_id = context.tokenizer.pad_token_id
+    lockstep = None
+    if cfg.prep.zero3 and processes.world > 1 and context.reference["source"] == "model" and not context.reference_file:
+        # Partitioned across the processes: every process loads it and runs as many passes as the busiest.
+        from .sharded_reference import Lockstep, held_bytes, load_partitioned
+
+        if model is None:
+            model = load_partitioned(context.model.path, cfg.prep.dtype, cfg.model.trust_remote_code)
+            model.ds_partitioned = True
+            held, full = held_bytes(model)
+            print(f"[prep] rank {processes.rank}: holds {held:,} of the reference's {full:,} parameter bytes "
+                  "(prep.zero3)", flush=True)
+        lockstep = Lockstep(model, sum(len(plan_batches(shard_rows[i], cfg.prep.batch_size, pad_id)) for i in todo))
+    elif todo and context.reference["source"] == "model" and model is None:
         model = load_model(context.model.path, cfg.prep.dtype, trust_remote_code=cfg.model.trust_remote_code)
         model.to(device)
-    pad_id = context.tokenizer.pad_token_id
 
     from tqdm.auto import tqdm
 
@@ -517,6 +531,8 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
                          written_by={"rank": processes.rank, "world_size": processes.world})
     finally:
         bar.close()
+    if lockstep is not None:
+        lockstep.finish(pad_id, device)
     processes.barrier()
     if processes.main:
         writer.finalize(
