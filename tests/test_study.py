@@ -157,3 +157,30 @@ def test_shipped_study_configs_load(name, tmp_path):
     cfg = study.config()
     assert cfg.data.preprocessor == "reward_pairs" and cfg.data.options.reward == study.settings["reward"] == "vader"
     assert cfg.prep.topk > 0  # Ra-DPO and TDPO train from the cached reference distribution
+
+
+def _run(label, strength, seed, **metrics):
+    return {"label": label, "strength": strength, "seed": seed, **metrics}
+
+
+def test_claim_verdicts_by_hand():
+    from dpo_zoo.study_results import NOT_REPRODUCED, REPRODUCED, evaluate_claim
+
+    # Two curves per seed; b lies 0.1 above a in reward along the KL range both cover ([1, 2]).
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.01), (2, -0.01)):
+        runs += [_run("a", 0.5, seed, kl_rb=1.0, reward=1.0 + shift), _run("a", 0.1, seed, kl_rb=3.0, reward=3.0 + shift),
+                 _run("b", 0.5, seed, kl_rb=0.0, reward=0.1 + shift), _run("b", 0.1, seed, kl_rb=2.0, reward=2.1 + shift)]
+    matched = evaluate_claim({"id": "m", "claim": "b higher reward at matched KL", "compare": "matched_kl",
+                              "treatment": "b", "baseline": "a", "metrics": [{"metric": "reward", "expect": "higher"}]}, runs)
+    # a: reward = KL on [1, 3]; b: reward = KL + 0.1 on [0, 2]: the difference is +0.1 at every matched KL.
+    assert matched["verdict"] == REPRODUCED and "+0.100 ± 0.000 (n=3)" in matched["numbers"][0]
+    same = evaluate_claim({"id": "s", "claim": "b lower KL at the same strength", "compare": "same_strength",
+                           "treatment": "b", "baseline": "a", "metrics": [{"metric": "kl_rb", "expect": "lower"}]}, runs)
+    assert same["verdict"] == REPRODUCED and same["numbers"][0].startswith("kl_rb b − a: -1.000")
+    # a: raising the strength 0.1 → 0.5 lowers KL (3 → 1) and reward: monotone as claimed; "higher" is refuted.
+    down = {"id": "d", "claim": "monotone", "compare": "monotone", "treatment": "a",
+            "metrics": [{"metric": "kl_rb", "expect": "lower"}, {"metric": "reward", "expect": "lower"}]}
+    assert evaluate_claim(down, runs)["verdict"] == REPRODUCED
+    up = dict(down, metrics=[{"metric": "kl_rb", "expect": "higher"}])
+    assert evaluate_claim(up, runs)["verdict"] == NOT_REPRODUCED
