@@ -19,8 +19,14 @@ def test_there_are_configs_to_check():
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(REPO_ROOT)))
-def test_every_shipped_yaml_loads(path: Path):
-    if path.parent.name == "loss":
+def test_every_shipped_yaml_loads(path: Path, tmp_path: Path):
+    if "study" in read_yaml(path):
+        # A study file (dpo-zoo study): its study section and every run's experiment config must load.
+        from dpo_zoo.study import load_study
+
+        study = load_study(str(path), [f"study.output_dir={tmp_path}"])
+        assert study.curves and all(curve.loss in registered_losses() for curve in study.curves)
+    elif path.parent.name == "loss":
         # A loss preset: selected with `loss=<stem>`; its name must be registered and its keys known.
         cfg = load_config([], [f"loss={path.stem}"])
         name, hparams = loss_hparams(cfg)
