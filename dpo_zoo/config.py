@@ -428,42 +428,11 @@ def load_config(
     return cfg
 
 
-# Where every key is listed with its default and a comment.
-CONFIG_DOC = "dpo_zoo/config.py"
-
-# Names users bring from TRL / transformers' TrainingArguments, and where dpo_zoo keeps them.
-KEY_ALIASES = {
-    "lr": "train.learning_rate",
-    "learning_rate": "train.learning_rate",
-    "per_device_train_batch_size": "train.micro_batch_size",
-    "batch_size": "train.micro_batch_size",
-    "gradient_accumulation": "train.gradient_accumulation_steps",
-    "num_train_epochs": "train.epochs",
-    "warmup": "train.warmup_steps",
-    "lr_scheduler_type": "train.lr_schedule",
-    "bf16": "train.precision",
-    "beta": "loss.beta",
-    "loss_type": "loss",
-    "loss_weights": "loss.weights",
-    "max_prompt_length": "prep.max_prompt_length",
-    "max_length": "prep.max_length",
-    "precompute_ref_log_probs": "train.reference",
-    "report_to": "train.report_to",
-    "run_name": "train.run_name",
-}
-
-
 def _key_hint(cfg: DictConfig, key: str) -> str:
-    """``; did you mean `train.learning_rate`?`` for an unknown dotted key: a known alias of its last
-    part, else the closest known keys by spelling."""
-    import difflib
+    """The hint for an unknown dotted key (:func:`dpo_zoo.config_hints.key_hint`)."""
+    from .config_hints import key_hint
 
-    known = [dotted for dotted, _ in _flatten(OmegaConf.to_container(cfg, resolve=False))]
-    last = key.split(".")[-1]
-    if last in KEY_ALIASES and KEY_ALIASES[last] != key:
-        return f"; did you mean `{KEY_ALIASES[last]}`?"
-    close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
-    return f"; did you mean {' or '.join(f'`{k}`' for k in close)}?" if close else f" (known keys: see {CONFIG_DOC})"
+    return key_hint([dotted for dotted, _ in _flatten(OmegaConf.to_container(cfg, resolve=False))], key)
 
 
 def _omegaconf_message(err: Exception) -> str:

@@ -1,12 +1,14 @@
 """The process group: a launcher's (torchrun, deepspeed) or, for a plain ``python`` run, a one-process
-group of our own, started without leaving launcher variables behind in ``os.environ``."""
+group of our own, started without leaving launcher variables behind in ``os.environ`` (training);
+and prep's workers (:class:`Processes`: one, or several under a launcher, sharing the shards)."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
-from typing import Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -76,3 +78,57 @@ def mean_over_ranks(values: Dict[str, float], world_size: int) -> Dict[str, floa
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     torch.distributed.all_reduce(tensor)
     return {k: v / world_size for k, v in zip(keys, tensor.tolist())}
+
+
+class Processes:
+    """This process's place among the prep workers (one, or several under torchrun/deepspeed)."""
+
+    def __init__(self, single: bool = False) -> None:
+        """``single=True``: this process alone, whatever the environment says."""
+        self.world = 1 if single else int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0 if single else int(os.environ.get("RANK", "0"))
+        self.local_rank = 0 if single else int(os.environ.get("LOCAL_RANK", "0"))
+        self._owned = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                # gloo: prep needs only barriers and a broadcast, on CPU or GPU alike. The timeout
+                # covers the longest reference pass a rank may wait through at a barrier.
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+                self._owned = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def from_main(self, value: Any) -> Any:
+        """``value`` as computed on rank 0, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def my_shards(self, n_shards: int) -> List[int]:
+        return list(range(self.rank, n_shards, self.world))
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def close(self) -> None:
+        if self._owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

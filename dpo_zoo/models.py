@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 from .errors import ModelError
+# Re-exported: other modules import these helpers from here too.
+from .files import _file_lock, _fsync_dir, _fsync_tree, atomic_write_bytes, sha256_path  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -510,15 +511,6 @@ def tokenizer_fingerprint(tokenizer_or_path: Any) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def sha256_path(path: Union[str, Path], chunk: int = 1 << 22) -> str:
-    """sha256 of a file, read in 4 MiB blocks (no memo)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_sha256(path: Union[str, Path], memo_root: Optional[Path] = None) -> str:
     """sha256 of a file, memoised in ``<memo_root>/file_hashes.json`` by (absolute path, size, mtime_ns).
 
@@ -555,55 +547,6 @@ def _read_memo(path: Path) -> Dict[str, Any]:
         return loaded if isinstance(loaded, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-# ==================================================================== small file-system helpers
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync'd, then renamed:
-    readers see the old file or the new one, never a part."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for item in sorted(path.rglob("*")):
-        if item.is_file():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (released when the process dies, so a killed holder never blocks)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -26,8 +26,6 @@ writes the manifest after a barrier. Progress bars and messages come from rank 0
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from . import cache_format as S
 from .cache import lookup, read_manifest, verify_prepared_set
 from .cache_format import Layout, digest
 from .cache_writer import PreparedSetWriter, build_shard_table, pairs_fingerprint, plan_shards, shard_token_counts
+from .distributed import Processes
 from .errors import CacheError, DataError
 from .logps import completion_logps
 from .models import ResolvedModel, cache_root, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
@@ -51,61 +50,7 @@ from .staleness import describe
 SPLITS = ("train", "heldout")
 
 
-# ==================================================================== processes
-
-
-class Processes:
-    """This process's place among the prep workers (one, or several under torchrun/deepspeed)."""
-
-    def __init__(self, single: bool = False) -> None:
-        """``single=True``: this process alone, whatever the environment says."""
-        self.world = 1 if single else int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = 0 if single else int(os.environ.get("RANK", "0"))
-        self.local_rank = 0 if single else int(os.environ.get("LOCAL_RANK", "0"))
-        self._owned = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                # gloo: prep needs only barriers and a broadcast, on CPU or GPU alike. The timeout
-                # covers the longest reference pass a rank may wait through at a barrier.
-                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-                self._owned = True
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def from_main(self, value: Any) -> Any:
-        """``value`` as computed on rank 0, on every rank."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value if self.main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def my_shards(self, n_shards: int) -> List[int]:
-        return list(range(self.rank, n_shards, self.world))
-
-    def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-
-    def close(self) -> None:
-        if self._owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+# ==================================================================== processes (dpo_zoo.distributed.Processes)
 
 
 def say(processes: Processes, message: str) -> None:
