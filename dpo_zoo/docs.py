@@ -112,7 +112,7 @@ def loss_maths_markdown() -> str:
     import inspect
 
     from .losses import registered_losses
-    from .losses.base import describe_needs
+    from .losses.registry import describe_needs
 
     families: Dict[type, List[str]] = defaultdict(list)
     for name, entry in sorted(registered_losses().items()):

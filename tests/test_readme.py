@@ -125,7 +125,7 @@ def test_readme_loss_example_registers_and_computes():
     """The 'Add your own loss' example runs as written and plugs into compute_loss."""
     import torch
 
-    from dpo_zoo.losses import base, compute_loss
+    from dpo_zoo.losses import compute_loss, registry
 
     code = re.search(r"## Add your own loss\n\n```python\n(.*?)```", README, re.S).group(1)
     try:
@@ -138,7 +138,7 @@ def test_readme_loss_example_registers_and_computes():
         # β h = 0.5 × 3 = 1.5; minus the margin 0.5 → −log σ(1.0) = log(1 + e^{−1}) = 0.31326169
         assert out.losses.item() == pytest.approx(0.3132616875182228, rel=1e-6)
     finally:
-        base._REGISTRY.pop("margin_dpo", None)
+        registry._REGISTRY.pop("margin_dpo", None)
 
 
 def test_readme_counts_the_registry_right():

@@ -11,15 +11,8 @@ or build one for repeated use with :func:`build_loss`. Third-party losses regist
 path (``loss.plugin=pkg.module`` in a config).
 """
 
-from .base import (
-    NEED_FIELDS,
-    POLICY_NEEDS,
-    Loss,
-    LossConfigError,
-    LossInputError,
-    LossOutput,
-    Need,
-    PairBatch,
+from .base import NEED_FIELDS, POLICY_NEEDS, Loss, LossConfigError, LossInputError, LossOutput, Need, PairBatch
+from .registry import (
     RegisteredLoss,
     build_loss,
     check_inputs,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Loss, LossOutput, Need, PairBatch, register_loss
+from .base import Loss, LossOutput, Need, PairBatch
+from .registry import register_loss
 from .dpo import BetaConfig, margin_output
 
 

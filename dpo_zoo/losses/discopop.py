@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Loss, LossOutput, Need, PairBatch, register_loss
+from .base import Loss, LossOutput, Need, PairBatch
+from .registry import register_loss
 from .dpo import check_beta, margin_output
 from .f_dpo import check_divergence, divergence_scores
 

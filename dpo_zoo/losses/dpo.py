@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Loss, LossOutput, Need, PairBatch, register_loss
+from .base import Loss, LossOutput, Need, PairBatch
+from .registry import register_loss
 from .base import check_beta  # noqa: F401  (the losses import it from here too)
 
 

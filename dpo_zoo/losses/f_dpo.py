@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Loss, LossOutput, Need, PairBatch, check_beta, register_loss
+from .base import Loss, LossOutput, Need, PairBatch, check_beta
+from .registry import register_loss
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 # ``jsd`` and ``alpha_divergence`` are the official repo's spellings (``config.loss.divergence``).

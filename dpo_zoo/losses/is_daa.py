@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import Loss, LossInputError, LossOutput, Need, PairBatch, register_loss, upcast
+from .base import Loss, LossInputError, LossOutput, Need, PairBatch, upcast
+from .registry import register_loss
 from .dpo import DPOLoss, HingeLoss, IPOLoss, check_beta
 
 BASES = {"dpo": DPOLoss, "ipo": IPOLoss, "hinge": HingeLoss}

@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .base import (Loss, LossConfigError, LossOutput, PairBatch, RegisteredLoss, add_name_resolver, apply_options,
-                   hparam_type_problems)
+from .base import Loss, LossConfigError, LossOutput, PairBatch
+from .registry import RegisteredLoss, add_name_resolver, apply_options, hparam_type_problems
 from .options import OPTION_KEYS, LossOptions
 
 SEPARATOR = "+"

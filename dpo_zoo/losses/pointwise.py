@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Loss, LossOutput, Need, PairBatch, register_loss
+from .base import Loss, LossOutput, Need, PairBatch
+from .registry import register_loss
 from .dpo import BetaConfig, check_beta, margin_output
 
 

@@ -19,7 +19,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import Loss, LossInputError, LossOutput, Need, PairBatch, register_loss, upcast
+from .base import Loss, LossInputError, LossOutput, Need, PairBatch, upcast
+from .registry import register_loss
 from .dpo import check_beta
 
 SIDES = ("chosen", "rejected")

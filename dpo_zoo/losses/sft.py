@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Loss, LossOutput, Need, PairBatch, register_loss, upcast
+from .base import Loss, LossOutput, Need, PairBatch, upcast
+from .registry import register_loss
 from .dpo import check_beta, margin_output
 
 NLL_REDUCTIONS = ("batch_tokens", "sequence")

@@ -13,7 +13,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import Loss, LossInputError, LossOutput, Need, PairBatch, register_loss
+from .base import Loss, LossInputError, LossOutput, Need, PairBatch
+from .registry import register_loss
 from .dpo import check_beta
 
 MODELS = ("rao_kupper", "davidson", "bradley_terry")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dpo_zoo.losses import NEED_FIELDS, LossInputError, Need, PairBatch, build_loss, check_inputs, compute_loss, registered_losses
-from dpo_zoo.losses.base import check_shapes
+from dpo_zoo.losses.registry import check_shapes
 
 NAMES = sorted(registered_losses())
 
