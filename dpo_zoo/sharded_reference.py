@@ -10,12 +10,18 @@ its own batches, so the cache is the one a single process writes.
 The price is lockstep: a gather is a collective, so every process must run the same number of forward
 passes. :class:`Lockstep` counts this process's passes, and after its own batches
 :meth:`Lockstep.finish` runs one-token passes until it has run as many as the busiest process.
+
+Training uses the same partitioning for its live reference when the policy trains under ZeRO-3 on
+several processes (:func:`partitioned_reference_wanted`): the reference then costs each process 1/W of
+its weights, as the policy's parameters do. Every rank runs the same micro-batches per step, so training
+is in lockstep by construction; the held-out evaluation, where ranks may hold different numbers of
+batches, is evened out by :func:`lockstep_batches`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -44,6 +50,29 @@ def load_partitioned(path: Path, dtype: str, trust_remote_code: bool = False) ->
     engine, *_ = deepspeed.initialize(model=model, config=config)
     del registered
     return engine.module.eval()
+
+
+def partitioned_reference_wanted(zero_stage: int, world_size: int, lora: bool, moving: bool) -> bool:
+    """Whether a live reference is loaded partitioned: when the policy itself trains under ZeRO-3 on
+    several processes. Not with LoRA (the reference is the policy with its adapter off, already
+    partitioned with it) and not for a reference that moves (TR-DPO: the soft update writes whole
+    tensors into it)."""
+    return zero_stage == 3 and world_size > 1 and not lora and not moving
+
+
+def lockstep_batches(n_rows: int, batch_size: int, rank: int, world_size: int,
+                     lockstep: bool) -> List[Tuple[int, bool]]:
+    """This rank's held-out batches as ``(first row, counted)``: rank r takes the batches starting at
+    rows r·b, (r + W)·b, … With ``lockstep`` (a ZeRO-3 model: every forward pass gathers parameters
+    with the other ranks) a rank with fewer batches than rank 0 re-runs its first batch, or the set's
+    first one, uncounted, until it has as many; their results are discarded."""
+    mine = list(range(rank * batch_size, n_rows, world_size * batch_size))
+    schedule = [(start, True) for start in mine]
+    if lockstep:
+        most = len(range(0, n_rows, world_size * batch_size))
+        filler = mine[0] if mine else 0
+        schedule += [(filler, False)] * (most - len(mine))
+    return schedule
 
 
 def held_bytes(model: torch.nn.Module) -> Tuple[int, int]:

@@ -44,6 +44,7 @@ from .losses import Loss, LossOutput, Need, build_loss
 from .losses.options import soft_update
 from .run_folder import CHECKPOINT_DIR, CONFIG_FILE, FINAL_DIR, LOGS_FILE, finished_run_changes, training_identity
 from .saving import clear_previous_run, resume, save_checkpoint, save_final
+from .sharded_reference import held_bytes, lockstep_batches, partitioned_reference_wanted
 
 # ==================================================================== setup
 
@@ -319,6 +320,7 @@ class Reference:
     mode: str
     model: Any = None
     context: Any = None
+    partitioned: bool = False  # a live model split over the ranks (ZeRO-3): every rank must run it in lockstep
 
     @property
     def from_rows(self) -> bool:
@@ -326,14 +328,20 @@ class Reference:
         return self.mode == "cache"
 
 
-def build_reference(cfg, policy, model_path: Path, mode: str, device: torch.device) -> Reference:
+def build_reference(cfg, policy, model_path: Path, mode: str, device: torch.device, partition: bool = False) -> Reference:
     """The :class:`Reference` of ``mode`` (from :func:`choose_reference`); loads a live reference model
-    only when there is no LoRA adapter to switch off."""
+    only when there is no LoRA adapter to switch off, partitioned over the ranks with ``partition``
+    (:func:`~dpo_zoo.sharded_reference.partitioned_reference_wanted`)."""
     if mode != "live":
         return Reference(mode)
     if cfg.train.lora.enabled:
         # The frozen base weights under the adapter are the reference: no second copy in memory.
         return Reference(mode, policy, policy.disable_adapter)
+    if partition:
+        from .sharded_reference import load_partitioned
+
+        model = load_partitioned(model_path, cfg.train.precision, cfg.model.trust_remote_code)
+        return Reference(mode, model.requires_grad_(False), partitioned=True)
     from .models import load_model
 
     model = load_model(model_path, dtype=cfg.train.precision, trust_remote_code=cfg.model.trust_remote_code)
@@ -419,12 +427,13 @@ def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference:
     was_training = module.training
     module.eval()
     size = cfg.train.micro_batch_size
-    mine = list(range(run.rank * size, len(dataset), run.world_size * size))
+    lockstep = run.world_size > 1 and (engine.zero_optimization_stage() == 3 or reference.partitioned)
+    schedule = lockstep_batches(len(dataset), size, run.rank, run.world_size, lockstep)
     columns = columns_to_read(dataset.columns, reference_from_rows=reference.from_rows)
     sums: Dict[str, float] = {}
     count = 0.0
     with torch.no_grad():
-        for start in mine:
+        for start, counted in schedule:
             indices = list(range(start, min(start + size, len(dataset))))
             collated = collate(dataset.rows(indices, columns), pad_id).to(run.device)
             generator = _micro_generator(loss, run, cfg.train.seed, -1, start)  # fixed draws: a stable eval
@@ -433,6 +442,8 @@ def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference:
             output = loss(forward.batch)
             metrics = batch_metrics(output, forward, collated)
             metrics["loss"] = reduce_losses(output, collated.per_pair.get("weight")).item()
+            if not counted:  # a lockstep re-run (ZeRO-3): only its parameter gathers were needed
+                continue
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(indices)
             count += len(indices)
@@ -477,7 +488,9 @@ def train(cfg) -> Path:
         preflight(cfg, loss, train_set, policy, tokenizer, source, reference_mode)
         engine = build_engine(cfg, policy, run.world_size, max_steps)
         resources.callback(engine.destroy)
-        reference = build_reference(cfg, engine.module, source.path, reference_mode, run.device)
+        partition = partitioned_reference_wanted(engine.zero_optimization_stage(), run.world_size,
+                                                 t.lora.enabled, loss.reference_sync is not None)
+        reference = build_reference(cfg, engine.module, source.path, reference_mode, run.device, partition)
         watch = resources.enter_context(GradientWatch(engine.module.parameters()))
         sync = loss.reference_sync  # a reference that moves (TR-DPO): updated after its steps, saved with checkpoints
         moving_reference = reference.model if sync is not None else None
@@ -488,6 +501,10 @@ def train(cfg) -> Path:
                 f"pairs={len(train_set)} | steps {start_step}->{max_steps} | world={run.world_size} | "
                 f"zero={engine.zero_optimization_stage()} | lora={t.lora.enabled} | out={run.output_dir}"
             )
+            if reference.partitioned:
+                held, full = held_bytes(reference.model)
+                print(f"[dpo-zoo train] live reference partitioned (ZeRO-3): rank 0 holds {held:,} of its "
+                      f"{full:,} parameter bytes", flush=True)
             run.log({"event": "start", "step": start_step, "loss_name": name, "reference": reference_mode})
 
         # ---- loop

@@ -26,3 +26,75 @@ def test_zero3_lora_adapter_loads_and_equals_zero0(tiny_prepared, tiny_model_dir
     for name in adapters[0]:
         # Same steps, another reduction order: Adam moves each weight by about lr per step, rounding far less.
         assert (adapters[3][name] - adapters[0][name]).abs().max().item() <= 1e-6, name
+
+
+def test_lockstep_batches_even_out_the_ranks():
+    """5 rows, batches of 1, 2 ranks: rank 0 runs rows 0, 2, 4 and rank 1 rows 1, 3; under ZeRO-3 rank 1
+    re-runs its first batch once, uncounted, so both run three forward passes."""
+    from dpo_zoo.sharded_reference import lockstep_batches
+
+    assert lockstep_batches(5, 1, 0, 2, lockstep=True) == [(0, True), (2, True), (4, True)]
+    assert lockstep_batches(5, 1, 1, 2, lockstep=True) == [(1, True), (3, True), (1, False)]
+    assert lockstep_batches(5, 1, 1, 2, lockstep=False) == [(1, True), (3, True)]
+    # A rank with no rows at all re-runs the set's first batch.
+    assert lockstep_batches(2, 2, 1, 2, lockstep=True) == [(0, False)]
+    assert lockstep_batches(0, 2, 0, 2, lockstep=True) == []
+    # Every row is counted exactly once over the ranks.
+    for n, b, w in [(7, 2, 3), (12, 3, 2), (1, 4, 4)]:
+        counted = [r for rank in range(w) for start, c in lockstep_batches(n, b, rank, w, True) if c
+                   for r in range(start, min(start + b, n))]
+        assert sorted(counted) == list(range(n))
+        assert len({len(lockstep_batches(n, b, rank, w, True)) for rank in range(w)}) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.float_sensitive
+def test_two_process_zero3_partitions_the_live_reference(tiny_model_dir, tmp_path):
+    """Full fine-tuning under ZeRO-3 on 2 processes with a live reference: the reference is partitioned
+    (each rank holds half of its parameter bytes), and the per-step and held-out losses equal one
+    process's with the whole reference and the same global batch. The held-out set has 10
+    pairs in batches of 4 over 2 ranks, so the ranks hold different numbers of held-out batches (the
+    lockstep re-run)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpo_zoo.distributed import _free_port
+    from dpo_zoo.prep import run_prep
+    from dpo_zoo.sharded_reference import lockstep_batches
+    from tiny import tiny_overrides, write_hh_slice
+
+    data_file = write_hh_slice(tmp_path / "hh.jsonl", n_rows=55)
+    common = tiny_overrides(tiny_model_dir, data_file, tmp_path / "prepared") + [
+        "train.max_steps=3", "train.reference=live", "train.learning_rate=1e-4", "train.eval_every=2"]
+    run_prep(load_config([], common))
+    heldout_rows = sum(s["rows"] for s in json.loads((tmp_path / "prepared" / "heldout" / "manifest.json").read_text())["shards"])
+    own_batches = [len(lockstep_batches(heldout_rows, 4, rank, 2, lockstep=False)) for rank in (0, 1)]
+    assert own_batches[0] != own_batches[1], (heldout_rows, own_batches)  # e.g. 10 pairs: 2 batches and 1
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(DS_ACCELERATOR="cpu", NUM_GPUS="2", MASTER_PORT=str(_free_port()),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    two = tmp_path / "two"
+    result = subprocess.run(
+        ["bash", str(Path(__file__).resolve().parents[1] / "launch" / "single_node.sh"), "train", *common,
+         "train.micro_batch_size=4", "train.deepspeed.zero_stage=3", f"train.output_dir={two}"],
+        env=env, capture_output=True, text=True, timeout=900)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said[-4000:]
+    held, full = (int(x.replace(",", "")) for x in
+                  re.search(r"live reference partitioned \(ZeRO-3\): rank 0 holds ([\d,]+) of its ([\d,]+)", said).groups())
+    assert full / 2 <= held <= full / 2 + 4 * 64  # half, plus at most one padding element per tensor
+
+    one = tmp_path / "one"
+    train(load_config([], common + ["train.micro_batch_size=8", f"train.output_dir={one}"]))
+
+    def logged(out, key):
+        return [r[key] for r in map(json.loads, open(out / "logs.jsonl")) if key in r]
+
+    assert len(logged(two, "loss")) == 3 and len(logged(two, "eval_loss")) == 2
+    for key in ("loss", "eval_loss", "eval_rewards/accuracies"):
+        assert logged(two, key) == pytest.approx(logged(one, key), abs=1e-6), key
