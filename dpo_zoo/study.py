@@ -60,7 +60,7 @@ import numpy as np
 
 from .config import ConfigError, load_config, read_yaml
 from .errors import StudyError
-from .study_results import REFERENCE_LABEL, check_claims, ci95, write_results
+from .study_results import REFERENCE_LABEL, check_claims, ci95, summary_table, write_results
 
 STUDY_DEFAULTS: Dict[str, Any] = {
     "output_dir": "studies/default",
@@ -418,26 +418,6 @@ def write_outputs(study: Study, records: List[Dict[str, Any]]) -> Dict[str, Any]
     print(table)
     print(f"[dpo-zoo study] {len(records)} runs; outputs in {out} (frontier.png, report.html, runs.csv, summary.json)")
     return summary
-
-
-def _fmt(stat: Dict[str, float], digits: int = 3) -> str:
-    if stat["n"] == 0 or math.isnan(stat["mean"]):
-        return "–"
-    if math.isnan(stat["ci95"]):
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f}"
-
-
-def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """Markdown: one line per (curve, strength), mean ± 95% CI over seeds."""
-    lines = ["| curve | strength | seeds | reward | KL (RB) | KL (MC) | entropy/token | distinct-1 | distinct-2 | "
-             "length | r(reward, length) | accuracy |", "|---" * 12 + "|"]
-    for r in rows:
-        strength = "–" if r["knob"] is None else f"{r['knob']}={r['strength']}"
-        cells = [_fmt(r[m]) for m in ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2")]
-        cells += [_fmt(r["mean_length"], 1), _fmt(r["reward_length_corr"]), _fmt(r["accuracy"])]
-        lines.append(f"| {r['label']} | {strength} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def plot_frontier(rows: Sequence[Dict[str, Any]], path: Path) -> bytes:

@@ -188,6 +188,54 @@ def _stat(stat: Dict[str, float]) -> str:
     return f"{_num(stat['mean'])}{half} (n={stat['n']})"
 
 
+def _is_missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt(stat: Dict[str, Any], digits: int = 3) -> str:
+    """``mean ± 95% half-width`` of a :func:`ci95` summary (``–`` without a value); NaN may be null (JSON)."""
+    if not stat["n"] or _is_missing(stat["mean"]):
+        return "–"
+    if _is_missing(stat["ci95"]):
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f}"
+
+
+def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Markdown: one line per (curve, strength), mean ± 95% CI over seeds."""
+    lines = ["| curve | strength | seeds | reward | KL (RB) | KL (MC) | entropy/token | distinct-1 | distinct-2 | "
+             "length | r(reward, length) | accuracy |", "|---" * 12 + "|"]
+    for r in rows:
+        strength = "–" if r["knob"] is None else f"{r['knob']}={r['strength']}"
+        cells = [_fmt(r[m]) for m in ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2")]
+        cells += [_fmt(r["mean_length"], 1), _fmt(r["reward_length_corr"]), _fmt(r["accuracy"])]
+        lines.append(f"| {r['label']} | {strength} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """The study's own sanity checks: the Rao–Blackwellized KL's standard error against the Monte Carlo
+    one on the same samples (lower on every trained run is what the estimator promises), and the time
+    the runs took as recorded (a run reused from an earlier sitting records only its reuse)."""
+    trained = [r for r in runs if r["label"] != REFERENCE_LABEL]
+    below = [r for r in trained if r.get("rb_below_mc")]
+    lines = [f"- Rao–Blackwellized KL standard error below the Monte Carlo one, on the same samples: "
+             f"{len(below)} of {len(trained)} runs"]
+    for r in trained:
+        if not r.get("rb_below_mc"):
+            lines.append(f"  - not below: {r['label']} {r.get('knob')}={r.get('strength')} seed {r['seed']} "
+                         f"(RB SE {r.get('kl_rb_se')}, MC SE {r.get('kl_mc_se')})")
+    ratios = [r["kl_rb_se"] / r["kl_mc_se"] for r in trained
+              if not _is_missing(r.get("kl_rb_se")) and not _is_missing(r.get("kl_mc_se")) and r["kl_mc_se"] > 0]
+    if ratios:
+        lines.append(f"  - RB SE / MC SE: median {float(np.median(ratios)):.2f}, largest {max(ratios):.2f}")
+    train_s = sum(float(r.get("train_call_seconds") or 0.0) for r in trained)
+    eval_s = sum(float(r.get("eval_seconds") or 0.0) for r in runs)
+    lines.append(f"- recorded time: training {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min "
+                 f"({len(trained)} runs + {len(runs) - len(trained)} reference evaluations; data preparation not included)")
+    return lines
+
+
 def evaluate_claim(claim: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The verdict and the numbers of one claim (module doc)."""
     kind, treatment, baseline = claim["compare"], claim["treatment"], claim.get("baseline")
@@ -217,8 +265,9 @@ def evaluate_claim(claim: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dic
             "numbers": parts + extra, "seeds": sorted(seeds)}
 
 
-def render_results(summary: Dict[str, Any], source: str) -> str:
-    """``docs/results.md`` from a study summary (its ``summary.json``); ``source`` names that file."""
+def render_results(summary: Dict[str, Any], source: str, picture: str = "frontier.png") -> str:
+    """``docs/results.md`` from a study summary; ``source`` names the summary file and ``picture`` the
+    frontier PNG beside the results file."""
     settings = summary["settings"]
     runs = [r for r in summary["runs"] if r["label"] != REFERENCE_LABEL]
     experiment = summary.get("experiment", {})
@@ -245,18 +294,42 @@ def render_results(summary: Dict[str, Any], source: str) -> str:
         numbers = "<br>".join(result["numbers"]).replace("|", "\\|")
         lines.append(f"| {result['claim']} | **{result['verdict']}** | {result['compare']} | {numbers} | "
                      f"{', '.join(map(str, result['seeds'])) or '–'} |")
-    lines += ["", "How the comparisons and verdicts are made: `dpo_zoo/study_results.py` (module docstring)."]
+    lines += ["", "How the comparisons and verdicts are made: `dpo_zoo/study_results.py` (module docstring).",
+              "", "## The frontier", "",
+              f"![reward–KL frontier]({picture})", "",
+              "Mean ± 95% t interval over seeds; KL per sequence in nats.", "",
+              summary_table(summary.get("aggregates", [])), "",
+              "## Checks", "", *checks_lines(summary["runs"])]
     return "\n".join(lines) + "\n"
 
 
+def sidecar_names(summary_path: Path, output: Path) -> Tuple[str, str]:
+    """(summary file, frontier picture) as the results file names them. Beside the study's own outputs
+    they are its ``summary.json`` and ``frontier.png``; a results file written elsewhere (``docs/results.md``)
+    gets copies of both named by its stem (``results_summary.json``, ``results_frontier.png``), so that it
+    can be regenerated from its own copy to the same bytes."""
+    if summary_path.parent.resolve() == output.parent.resolve() and summary_path.name == "summary.json":
+        return "summary.json", "frontier.png"
+    return f"{output.stem}_summary.json", f"{output.stem}_frontier.png"
+
+
 def write_results(summary_path: str, output: str) -> str:
-    path = Path(summary_path)
+    """Render ``summary_path`` into ``output`` (with the sidecar copies of :func:`sidecar_names`: the
+    summary, and the study's ``frontier.png`` when there is one beside the summary)."""
+    import shutil
+
+    path, output_path = Path(summary_path), Path(output)
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise StudyError(f"{path}: cannot read a study summary: {err}") from None
-    text = render_results(summary, path.name)
-    Path(output).write_text(text, encoding="utf-8")
+    summary_name, picture_name = sidecar_names(path, output_path)
+    text = render_results(summary, summary_name, picture_name)
+    output_path.write_text(text, encoding="utf-8")
+    for source, name in ((path, summary_name), (path.parent / "frontier.png", picture_name)):
+        target = output_path.parent / name
+        if source.exists() and source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
     return text
 
 
@@ -265,6 +338,8 @@ if __name__ == "__main__":  # python -m dpo_zoo.study_results SUMMARY.json [OUTP
 
     args = sys.argv[1:]
     if not args or len(args) > 2:
-        print("usage: python -m dpo_zoo.study_results STUDY_OUTPUT/summary.json [docs/results.md]", file=sys.stderr)
+        print("usage: python -m dpo_zoo.study_results STUDY_OUTPUT/summary.json [docs/results.md]\n"
+              "  writes the claims table, and beside it copies of the summary and frontier.png named by its stem",
+              file=sys.stderr)
         sys.exit(2)
     write_results(args[0], args[1] if len(args) > 1 else "docs/results.md")

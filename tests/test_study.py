@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import textwrap
 
@@ -117,8 +118,22 @@ def test_reduced_study_end_to_end_and_resumed_after_a_kill(study_file, tmp_path,
 
     # The claims table: generated from summary.json, the same bytes when generated again.
     results = (out / "results.md").read_text()
-    assert write_results(str(out / "summary.json"), str(tmp_path / "again.md")) == results
-    assert results == render_results(json.loads((out / "summary.json").read_text()), "summary.json")
+    assert results == render_results(json.loads((out / "summary.json").read_text()), "summary.json", "frontier.png")
+    assert "![reward–KL frontier](frontier.png)" in results and "| dpo | beta=0.1 | 2 |" in results
+    assert "RB SE / MC SE" in results and "8 of 8 runs" in results
+    # Published elsewhere (docs/results.md): the summary and picture are copied beside it under its stem,
+    # and regenerating from that copy gives the same bytes.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    published = write_results(str(out / "summary.json"), str(docs / "results.md"))
+    assert "(results_summary.json)" in published and "![reward–KL frontier](results_frontier.png)" in published
+    assert (docs / "results_frontier.png").read_bytes() == png
+    assert (docs / "results_summary.json").read_bytes() == (out / "summary.json").read_bytes()
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copyfile(docs / "results_summary.json", again / "results_summary.json")
+    write_results(str(again / "results_summary.json"), str(again / "results.md"))
+    assert (again / "results.md").read_bytes() == (docs / "results.md").read_bytes()
     for claim in CLAIMS:
         assert claim["claim"] in results
     assert "dpo-zoo study" in results and "seeds: [0, 1]" in results
