@@ -6,7 +6,9 @@ Start it with two processes, once with ``prep.zero3=true`` and once without, on 
 
 Each rank prints the parameter bytes it holds (ZeRO-3: its partition; else the whole model), the
 model's full parameter bytes, and its peak resident memory (``ru_maxrss``), which also counts the
-Python, torch and DeepSpeed runtime every process carries whatever the model.
+Python, torch and DeepSpeed runtime every process carries whatever the model: run it on a tiny model
+too and subtract, to get what the model itself costs. Commands and figures:
+bench/results/sharded_reference_memory.md.
 """
 
 import os

@@ -143,8 +143,9 @@ class PrepConfig:
     # `ref_rejected_logps` (sums) or `ref_chosen_token_logps` / `ref_rejected_token_logps` (lists).
     reference_logps_path: Optional[str] = None
     # Partition the reference model's parameters across the prep processes (DeepSpeed ZeRO-3 inference):
-    # each holds 1/W of them after loading (loading still reads whole checkpoint files on every rank).
-    # The cache is the same as without it.
+    # each holds 1/W of them from loading on (weights streamed in one module at a time). The cache is the
+    # same as without it. (In training, a live reference is partitioned whenever the policy trains under
+    # ZeRO-3 on several processes.)
     zero3: bool = False
     # Progress bars (off in tests and CI logs when false).
     progress: bool = True

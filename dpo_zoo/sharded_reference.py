@@ -1,8 +1,8 @@
 """A reference model partitioned across the prep processes (DeepSpeed ZeRO-3 inference, ``prep.zero3``).
 
-Each of the W processes keeps 1/W of every parameter. The model is partitioned while it loads
-(``transformers`` builds it under ``deepspeed.zero.Init`` when a ZeRO-3 config is registered), so no
-process ever holds all of it at once; during a forward pass each layer's full weights are gathered
+Each of the W processes keeps 1/W of every parameter. The model is partitioned while it loads (built
+under ``deepspeed.zero.Init``, its weights streamed in one module at a time: :func:`load_partitioned`),
+so no process ever holds all of it at once; during a forward pass each layer's full weights are gathered
 just before the layer runs and released after it (ZeRO-3's parameter hooks). The values are those of
 the unsharded model: the gathered weights are the original ones, bit for bit, and each process runs
 its own batches, so the cache is the one a single process writes.
@@ -27,29 +27,113 @@ import torch
 
 
 def zero3_inference_config(dtype: torch.dtype) -> Dict[str, Any]:
+    """DeepSpeed ZeRO-3 for a frozen model. No parameter is kept whole after its layer ran (persistence
+    threshold, live-parameter budget, reuse distance and prefetch all 0): each layer is gathered just
+    before it runs and released after, so a process holds its partition plus one layer."""
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_max_live_parameters": 0,
+            "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": 0,
+        },
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
     }
 
 
 def load_partitioned(path: Path, dtype: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The causal LM of ``path``, partitioned over the process group as it loads; in eval mode."""
+    """The causal LM of ``path``, partitioned over the process group as it loads; in eval mode.
+
+    The model is built under ``deepspeed.zero.Init`` (each parameter partitioned as it is created),
+    then its weights are streamed from the safetensors files one module at a time: the module's
+    parameters are gathered, rank 0 copies their values from the files (read tensor by tensor, never
+    the whole checkpoint), and DeepSpeed partitions them again from rank 0's values. So no process
+    ever holds more than its partition plus one module. (``transformers``' own ZeRO-3 loading reads the
+    whole checkpoint into rank 0's memory.)"""
     import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from .models import load_model, torch_dtype
+    from .models import check_safetensors_folder, torch_dtype
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    _return_freed_memory()
+    files = [Path(path) / name for name in check_safetensors_folder(path)]
     config = zero3_inference_config(torch_dtype(dtype))
-    registered = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads under zero.Init
-    model = load_model(path, dtype, trust_remote_code=trust_remote_code)
+    registered = HfDeepSpeedConfig(config)  # while alive, transformers builds models under zero.Init
+    model_config = AutoConfig.from_pretrained(str(path), trust_remote_code=bool(trust_remote_code))
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype(dtype),
+                                             trust_remote_code=bool(trust_remote_code))
+    _stream_weights(model, files)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     del registered
     return engine.module.eval()
+
+
+def _stream_weights(model: torch.nn.Module, files: List[Path]) -> None:
+    """Copy the checkpoint's values into the partitioned ``model``, module by module (see
+    :func:`load_partitioned`). A parameter the checkpoint lacks is an error naming it, unless it is
+    tied to one already loaded (an output layer sharing the input embeddings)."""
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    from .errors import ModelError
+
+    rank = dist.get_rank()
+    where: Dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as opened:
+            where.update((key, file) for key in opened.keys())
+    seen: set = set()
+    for prefix, module in model.named_modules():
+        own = [(f"{prefix}.{name}" if prefix else name, p) for name, p in module.named_parameters(recurse=False)]
+        own = [(name, p) for name, p in own if id(p) not in seen]  # a tied parameter loads once
+        missing = [name for name, _ in own if name not in where]
+        if missing:
+            raise ModelError(f"{files[0].parent}: the checkpoint has no tensor '{missing[0]}' for the model's "
+                             f"parameter of that name, so it cannot be loaded partitioned (prep.zero3)")
+        buffers = [(f"{prefix}.{name}" if prefix else name, b) for name, b in module.named_buffers(recurse=False)]
+        buffers = [(key, b) for key, b in buffers if key in where and b is not None]  # persistent, saved
+        if not own and not buffers:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                for name, param in own:
+                    param.copy_(_read_tensor(where[name], name))
+        seen.update(id(p) for _, p in own)
+        for key, buffer in buffers:  # buffers are not partitioned: every rank reads its own copy
+            with torch.no_grad():
+                buffer.copy_(_read_tensor(where[key], key))
+
+
+def _read_tensor(file: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file. The file is opened for this read alone: safetensors maps the
+    file into memory, and pages read through a mapping count as the process's resident memory for as
+    long as it stays open."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as opened:
+        return opened.get_tensor(key).clone()
+
+
+def _return_freed_memory() -> None:
+    """Have glibc give large freed blocks back to the system at once. Each layer's gathered weights
+    are freed after use; by default glibc raises its mmap threshold after such frees and then keeps
+    later ones in its heap, so the process's resident memory would grow as if the whole model were
+    held. A fixed 1 MiB threshold keeps every tensor of that size or more in its own mapping."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def partitioned_reference_wanted(zero_stage: int, world_size: int, lora: bool, moving: bool) -> bool:

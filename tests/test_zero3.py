@@ -98,3 +98,42 @@ def test_two_process_zero3_partitions_the_live_reference(tiny_model_dir, tmp_pat
     assert len(logged(two, "loss")) == 3 and len(logged(two, "eval_loss")) == 2
     for key in ("loss", "eval_loss", "eval_rewards/accuracies"):
         assert logged(two, key) == pytest.approx(logged(one, key), abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.float_sensitive
+def test_two_process_zero3_lora_adapter_equals_one_process(tiny_prepared, tiny_model_dir, tmp_path):
+    """LoRA under ZeRO-3 on 2 processes (launch/single_node.sh): final/ is the adapter alone, gathered
+    from both ranks' partitions, and equals a one-process ZeRO-0 run with the same global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpo_zoo.distributed import _free_port
+
+    common = list(tiny_prepared) + ["train.lora.enabled=true", "train.max_steps=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(DS_ACCELERATOR="cpu", NUM_GPUS="2", MASTER_PORT=str(_free_port()),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    result = subprocess.run(
+        ["bash", str(Path(__file__).resolve().parents[1] / "launch" / "single_node.sh"), "train", *common,
+         "train.micro_batch_size=1", "train.deepspeed.zero_stage=3", f"train.output_dir={tmp_path / 'two'}"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "world=2" in result.stdout and "zero=3" in result.stdout
+    train(load_config([], common + ["train.micro_batch_size=2", "train.deepspeed.zero_stage=0",
+                                    f"train.output_dir={tmp_path / 'one'}"]))
+    adapters = {}
+    for name in ("two", "one"):
+        final = tmp_path / name / "final"
+        assert not (final / "model.safetensors").exists()  # the adapter alone
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)
+        adapters[name] = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    assert adapters["two"].keys() == adapters["one"].keys() and adapters["one"]
+    assert max(adapters["one"][k].abs().max().item() for k in adapters["one"] if "lora_B" in k) > 1e-4
+    for key in adapters["one"]:
+        assert (adapters["two"][key] - adapters["one"][key]).abs().max().item() <= 1e-6, key
