@@ -237,7 +237,19 @@ def run_study(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     for curve, value, seed in bar:
         bar.set_postfix_str(f"{curve.label} {curve.knob}={value} seed {seed}")
         records.append(run_one(study, evaluator, curve, value, seed))
-    return write_outputs(study, records)
+    return write_outputs(study, records, data_counts(base))
+
+
+def data_counts(cfg) -> Dict[str, Dict[str, int]]:
+    """Pairs and ties of each split of the study's prepared set (the tie claims depend on them)."""
+    from .cache import PreparedSet
+
+    counts = {}
+    for split in ("train", "heldout"):
+        table = PreparedSet.open(str(Path(cfg.prep.output_dir).expanduser() / split)).table()
+        ties = sum(bool(t) for t in table.column("is_tie").to_pylist()) if "is_tie" in table.column_names else 0
+        counts[split] = {"pairs": table.num_rows, "ties": ties}
+    return counts
 
 
 def run_one(study: Study, evaluator: "Evaluator", curve: Curve, value: Any, seed: int) -> Dict[str, Any]:
@@ -390,14 +402,14 @@ def aggregate(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def write_outputs(study: Study, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+def write_outputs(study: Study, records: List[Dict[str, Any]], data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     out = study.output_dir
     from .metrics.functions import json_ready
 
     rows = aggregate(records)
     summary = {
         "command": study.command, "study_file": str(study.path), "settings": study.settings,
-        "experiment": study.experiment, "overrides": study.overrides,
+        "experiment": study.experiment, "overrides": study.overrides, "data": data or {},
         "curves": [c.__dict__ for c in study.curves], "aggregates": rows,
         "runs": [{k: v for k, v in r.items() if k != "examples"} for r in records],
     }

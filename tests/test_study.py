@@ -134,6 +134,16 @@ def test_reduced_study_end_to_end_and_resumed_after_a_kill(study_file, tmp_path,
     shutil.copyfile(docs / "results_summary.json", again / "results_summary.json")
     write_results(str(again / "results_summary.json"), str(again / "results.md"))
     assert (again / "results.md").read_bytes() == (docs / "results.md").read_bytes()
+    # The pairs and ties each split held, from the prepared set.
+    assert summary["data"]["train"]["pairs"] > 0 and summary["data"]["heldout"]["pairs"] > 0
+    assert f"- data: train {summary['data']['train']['pairs']} pairs (" in results
+    # Several studies in one file: a section each, regenerated from the copies to the same bytes.
+    both = write_results([str(out / "summary.json"), str(out / "summary.json")], str(docs / "all.md"))
+    assert both.count("## Study ") == 2 and "![reward–KL frontier](all_frontier2.png)" in both
+    assert (docs / "all_summary2.json").exists() and (docs / "all_frontier2.png").exists()
+    shutil.copyfile(docs / "all_summary.json", again / "all_summary.json")
+    shutil.copyfile(docs / "all_summary2.json", again / "all_summary2.json")
+    assert write_results([str(again / "all_summary.json"), str(again / "all_summary2.json")], str(again / "all.md")) == both
     for claim in CLAIMS:
         assert claim["claim"] in results
     assert "dpo-zoo study" in results and "seeds: [0, 1]" in results
@@ -172,6 +182,19 @@ def test_shipped_study_configs_load(name, tmp_path):
     cfg = study.config()
     assert cfg.data.preprocessor == "reward_pairs" and cfg.data.options.reward == study.settings["reward"] == "vader"
     assert cfg.prep.topk > 0  # Ra-DPO and TDPO train from the cached reference distribution
+
+
+def test_shipped_tie_study_config_loads(tmp_path):
+    """The tie study pairs every two samples and calls a small reward gap a tie; its claims compare
+    the tie-aware losses with ties as wins."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    study = load_study(str(repo / "configs" / "experiments" / "sentiment_ties.yaml"), [f"study.output_dir={tmp_path}"])
+    assert [c.loss for c in study.curves] == ["dpo_ties_as_wins", "dpo_rk", "dpo_davidson"]
+    assert {c["baseline"] for c in study.settings["claims"]} == {"ties_as_wins"}
+    cfg = study.config()
+    assert cfg.data.options.pairing == "all" and cfg.data.options.tie_threshold > 0
 
 
 def _run(label, strength, seed, **metrics):
