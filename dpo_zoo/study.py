@@ -39,7 +39,7 @@ The reference model itself is evaluated once per seed (label ``reference``): the
 
 Outputs in ``output_dir``: ``runs.json`` / ``runs.csv`` (every run), ``summary.json`` (mean, SD and 95%
 CI over seeds of each metric per curve and value, and the study's settings and command),
-``summary.md``, ``results.md`` (the claims of ``study.claims``: :mod:`dpo_zoo.study_results`), ``frontier.png`` (reward against KL, one curve per loss, a point per value, 95% CI bars
+``summary.md``, ``results.md`` (the claims of ``study.claims``: :mod:`dpo_zoo.study_results`), ``frontier.png`` (reward against KL, one curve per loss, a point per value, ±1 SE bars
 over seeds) and ``report.html`` (both, self-contained).
 """
 
@@ -432,32 +432,47 @@ def write_outputs(study: Study, records: List[Dict[str, Any]], data: Optional[Di
     return summary
 
 
+def _standard_error(stat: Dict[str, float]) -> float:
+    """The standard error of a mean over seeds (0 without a spread to estimate it from)."""
+    sd, n = stat.get("sd"), stat.get("n") or 0
+    return 0.0 if sd is None or n < 2 or math.isnan(sd) else sd / math.sqrt(n)
+
+
 def plot_frontier(rows: Sequence[Dict[str, Any]], path: Path) -> bytes:
-    """Mean reward against mean KL (RB), one curve per label in its value order, 95% CI bars over seeds."""
+    """Mean reward against mean KL (RB), one curve per label in its value order, ±1 standard error
+    over seeds as bars (the 95% intervals are in the tables: with 3 seeds they are 2.5 times wider
+    and would hide the points). Every curve has its own colour and marker."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 5.0), dpi=110)
+    figure, axes = plt.subplots(figsize=(8.5, 5.5), dpi=110)
     labels = list(dict.fromkeys(r["label"] for r in rows))
+    colours = plt.get_cmap("tab20").colors
+    styles = itertools.cycle(zip(colours[::2] + colours[1::2], itertools.cycle("osD^vP<>Xhp")))
     for label in labels:
         points = [r for r in rows if r["label"] == label]
         x = [p["kl_rb"]["mean"] for p in points]
         y = [p["reward"]["mean"] for p in points]
-        xerr = [0.0 if math.isnan(p["kl_rb"]["ci95"]) else p["kl_rb"]["ci95"] for p in points]
-        yerr = [0.0 if math.isnan(p["reward"]["ci95"]) else p["reward"]["ci95"] for p in points]
-        marker = "*" if label == REFERENCE_LABEL else "o"
-        axes.errorbar(x, y, xerr=xerr, yerr=yerr, marker=marker, markersize=9 if marker == "*" else 5,
-                      capsize=3, linestyle="-" if len(points) > 1 and label != REFERENCE_LABEL else "none", label=label)
+        xerr = [_standard_error(p["kl_rb"]) for p in points]
+        yerr = [_standard_error(p["reward"]) for p in points]
+        colour, marker = ("black", "*") if label == REFERENCE_LABEL else next(styles)
+        axes.errorbar(x, y, xerr=xerr, yerr=yerr, marker=marker, markersize=11 if marker == "*" else 6,
+                      color=colour, capsize=2, elinewidth=0.8, alpha=0.9,
+                      linestyle="-" if len(points) > 1 and label != REFERENCE_LABEL else "none", label=label)
         for p, xi, yi in zip(points, x, y):
             if p["knob"] is not None:
-                axes.annotate(f"{p['strength']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                axes.annotate(f"{p['strength']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                              color=colour)
+    axes.set_xlim(left=0)
     axes.set_xlabel("KL(π‖π_ref) per sequence (Rao–Blackwellized, nats)")
     axes.set_ylabel("mean ground-truth reward of sampled continuations")
-    axes.set_title("reward–KL frontier (points: strength values; bars: 95% CI over seeds)")
+    axes.set_title("reward–KL frontier (labels: strength values; bars: ±1 standard error over seeds)", fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -249,6 +249,12 @@ def evaluate_claim(claim: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dic
                 seeds |= set(changes)
                 step_verdicts.append(verdict_of(stat, expect))
                 parts.append(f"Δ{metric} {a}→{b}: {_stat(stat)}")
+            steps = monotone_steps(runs, treatment, metric)
+            if len(steps) > 1:  # the whole grid at once, beside the steps (not part of the verdict)
+                first, last = steps[0][0], steps[-1][1]
+                whole = monotone_steps([r for r in runs if r["label"] == treatment and r["strength"] in (first, last)],
+                                       treatment, metric)
+                parts.append(f"Δ{metric} {first}→{last} (whole grid): {_stat(ci95(list(whole[0][2].values())))}")
             verdicts.append(combine(step_verdicts) if step_verdicts else INCONCLUSIVE)
         else:
             paired = (paired_matched_kl if kind == "matched_kl" else paired_same_strength)(runs, treatment, baseline, metric)
@@ -258,10 +264,13 @@ def evaluate_claim(claim: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dic
             parts.append(f"{metric} {treatment} − {baseline}: {_stat(stat)} (expected {expect})")
     extra = []
     if kind != "monotone":
-        for metric in [KL_METRIC] * (kind == "same_strength") + list(claim.get("report") or []):
+        judged = {m["metric"] for m in claim["metrics"]}
+        beside = [KL_METRIC] * (kind == "same_strength") + list(claim.get("report") or [])
+        for metric in [m for m in dict.fromkeys(beside) if m not in judged]:  # each number once
             stat = ci95(list(paired_same_strength(runs, treatment, baseline, metric).values()))
             extra.append(f"{metric} {treatment} − {baseline} (same strength): {_stat(stat)}")
-    return {"id": claim["id"], "claim": claim["claim"], "compare": kind, "verdict": combine(verdicts),
+    each = {m["metric"]: v for m, v in zip(claim["metrics"], verdicts)}
+    return {"id": claim["id"], "claim": claim["claim"], "compare": kind, "verdict": combine(verdicts), "each": each,
             "numbers": parts + extra, "seeds": sorted(seeds)}
 
 
@@ -314,7 +323,10 @@ def study_section(summary: Dict[str, Any], source: str, picture: str, heading: s
     for claim in settings.get("claims", []):
         result = evaluate_claim(claim, runs)
         numbers = "<br>".join(result["numbers"]).replace("|", "\\|")
-        lines.append(f"| {result['claim']} | **{result['verdict']}** | {result['compare']} | {numbers} | "
+        each = ""
+        if len(result["each"]) > 1:
+            each = " (" + "; ".join(f"{metric}: {verdict}" for metric, verdict in result["each"].items()) + ")"
+        lines.append(f"| {result['claim']} | **{result['verdict']}**{each} | {result['compare']} | {numbers} | "
                      f"{', '.join(map(str, result['seeds'])) or '–'} |")
     lines += ["", "How the comparisons and verdicts are made: `dpo_zoo/study_results.py` (module docstring).",
               "", f"{heading} The frontier", "",
