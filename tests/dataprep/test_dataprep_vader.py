@@ -112,8 +112,9 @@ def test_pairs_ties_prompts_and_soft_labels(tmp_path):
 
 
 def test_tie_threshold_is_inclusive_and_exact(tmp_path):
-    """Means 1 and 0.75 differ by exactly 0.25 (0.25 is not exact in binary float): a tie at 0.25,
-    not at 0.24; threshold 0 makes only equal means ties."""
+    """Means 1 and 0.75 differ by exactly 0.25 (both, and their difference, are exact in binary
+    floating point, so the comparison has no rounding to hide behind): a tie at threshold 0.25 (the
+    threshold is inclusive), not at 0.24; threshold 0 makes only equal means ties."""
     only = {"movieReviewSnippets": SMALL["movieReviewSnippets"][2:4]}
     path = tmp_path / "folder"
     path.mkdir()
