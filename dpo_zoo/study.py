@@ -74,6 +74,7 @@ STUDY_DEFAULTS: Dict[str, Any] = {
 METRICS = ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2", "mean_length",
            "reward_length_corr", "accuracy")
 EVAL_FILE = "study_eval.json"
+TRAIN_TIME_FILE = "study_train.json"  # the time a run took to train, kept for the sittings that reuse it
 EVAL_FORMAT = "dpo_zoo.study_eval.v1"
 
 
@@ -258,12 +259,30 @@ def run_one(study: Study, evaluator: "Evaluator", curve: Curve, value: Any, seed
 
     folder = study.run_dir(curve, value, seed)
     cfg = study.config(*_loss_overrides(curve, value), f"train.seed={seed}", f"train.output_dir={folder}")
+    before = _file_hash(folder / "run.json")
     started = time.time()
     train(cfg)
-    trained = time.time() - started
+    seconds = round(time.time() - started, 3)
     record = evaluator.run(folder, cfg, seed)
     return {"label": curve.label, "loss": curve.loss, "knob": curve.knob, "strength": value, "seed": seed,
-            "run_dir": str(folder), **record, "train_call_seconds": round(trained, 3)}
+            "run_dir": str(folder), **record, "train_seconds": _training_time(folder, before, seconds)}
+
+
+def _file_hash(path: Path) -> Optional[str]:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _training_time(folder: Path, run_before: Optional[str], seconds: float) -> Optional[float]:
+    """How long the run took to train (the train call, model load and saving included). A run reused
+    from an earlier sitting (its ``run.json`` unchanged by the call) keeps the time recorded when it
+    trained, in ``study_train.json``; None when that sitting did not record one."""
+    run_now = _file_hash(folder / "run.json")
+    timing = folder / TRAIN_TIME_FILE
+    if run_before is not None and run_before == run_now:
+        saved = json.loads(timing.read_text()) if timing.exists() else {}
+        return saved.get("train_seconds") if saved.get("run") == run_now else None
+    timing.write_text(json.dumps({"run": run_now, "train_seconds": seconds}) + "\n")
+    return seconds
 
 
 class Evaluator:
@@ -417,7 +436,7 @@ def write_outputs(study: Study, records: List[Dict[str, Any]], data: Optional[Di
     (out / "runs.json").write_text(json.dumps(json_ready(records), indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     fields = ["label", "loss", "knob", "strength", "seed", *METRICS, "reward_se", "kl_rb_se", "kl_mc_se",
-              "rb_below_mc", "n_samples", "eval_seconds", "run_dir"]
+              "rb_below_mc", "n_samples", "train_seconds", "eval_seconds", "run_dir"]
     with open(out / "runs.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -229,10 +229,12 @@ def checks_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
               if not _is_missing(r.get("kl_rb_se")) and not _is_missing(r.get("kl_mc_se")) and r["kl_mc_se"] > 0]
     if ratios:
         lines.append(f"  - RB SE / MC SE: median {float(np.median(ratios)):.2f}, largest {max(ratios):.2f}")
-    train_s = sum(float(r.get("train_call_seconds") or 0.0) for r in trained)
+    timed = [float(r["train_seconds"]) for r in trained if not _is_missing(r.get("train_seconds"))]
     eval_s = sum(float(r.get("eval_seconds") or 0.0) for r in runs)
-    lines.append(f"- recorded time: training {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min "
-                 f"({len(trained)} runs + {len(runs) - len(trained)} reference evaluations; data preparation not included)")
+    untimed = f"; {len(trained) - len(timed)} runs trained without a recorded time" if len(timed) < len(trained) else ""
+    lines.append(f"- recorded time: training {sum(timed) / 60:.1f} min ({len(timed)} runs{untimed}), evaluation "
+                 f"{eval_s / 60:.1f} min ({len(trained)} runs + {len(runs) - len(trained)} reference evaluations); "
+                 "data preparation not included")
     return lines
 
 

@@ -84,6 +84,8 @@ def test_reduced_study_end_to_end_and_resumed_after_a_kill(study_file, tmp_path,
     out = tmp_path / "study"
     finished = [out / "runs" / "dpo" / "beta=0.1" / f"seed{s}" for s in (0, 1)]
     stamps = {p: ((p / "final").stat().st_mtime_ns, (p / "study_eval.json").read_text()) for p in finished}
+    first_times = {str(p): json.loads((p / "study_train.json").read_text())["train_seconds"] for p in finished}
+    assert all(t > 0 for t in first_times.values())
     monkeypatch.setattr(study_module, "run_one", real_run_one)
     capsys.readouterr()
 
@@ -95,6 +97,11 @@ def test_reduced_study_end_to_end_and_resumed_after_a_kill(study_file, tmp_path,
         assert (path / "final").stat().st_mtime_ns == mtime and (path / "study_eval.json").read_text() == evaluation
 
     runs = [r for r in summary["runs"] if r["label"] != "reference"]
+    # A reused run keeps the training time recorded when it trained, not the reuse's.
+    for run in runs:
+        if run["run_dir"] in first_times:
+            assert run["train_seconds"] == first_times[run["run_dir"]]
+        assert run["train_seconds"] > 0
     assert len(runs) == 8 and sorted({(r["label"], r["strength"]) for r in runs}) == [
         ("dpo", 0.1), ("dpo", 1.0), ("h_dpo", 0.8), ("h_dpo", 0.95)]
     for run in runs:
