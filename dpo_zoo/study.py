@@ -486,7 +486,8 @@ def plot_frontier(rows: Sequence[Dict[str, Any]], path: Path) -> bytes:
             if p["knob"] is not None:
                 axes.annotate(f"{p['strength']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                               color=colour)
-    axes.set_xlim(left=0)
+    right = axes.get_xlim()[1]
+    axes.set_xlim(-0.02 * right, right)  # KL >= 0: no room for bars below it, but the reference at 0 shows whole
     axes.set_xlabel("KL(π‖π_ref) per sequence (Rao–Blackwellized, nats)")
     axes.set_ylabel("mean ground-truth reward of sampled continuations")
     axes.set_title("reward–KL frontier (labels: strength values; bars: ±1 standard error over seeds)", fontsize=10)
