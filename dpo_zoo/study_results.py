@@ -246,12 +246,12 @@ def evaluate_claim(claim: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dic
         metric, expect = m["metric"], m["expect"]
         if kind == "monotone":
             step_verdicts = []
-            for a, b, changes in monotone_steps(runs, treatment, metric):
+            steps = monotone_steps(runs, treatment, metric)
+            for a, b, changes in steps:
                 stat = ci95(list(changes.values()))
                 seeds |= set(changes)
                 step_verdicts.append(verdict_of(stat, expect))
                 parts.append(f"Δ{metric} {a}→{b}: {_stat(stat)}")
-            steps = monotone_steps(runs, treatment, metric)
             if len(steps) > 1:  # the whole grid at once, beside the steps (not part of the verdict)
                 first, last = steps[0][0], steps[-1][1]
                 whole = monotone_steps([r for r in runs if r["label"] == treatment and r["strength"] in (first, last)],
