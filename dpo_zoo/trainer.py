@@ -44,7 +44,7 @@ from .losses import Loss, LossOutput, Need, build_loss
 from .losses.options import soft_update
 from .run_folder import CHECKPOINT_DIR, CONFIG_FILE, FINAL_DIR, LOGS_FILE, finished_run_changes, training_identity
 from .saving import clear_previous_run, resume, save_checkpoint, save_final
-from .sharded_reference import held_bytes, lockstep_batches, partitioned_reference_wanted
+from .sharded_reference import held_bytes, load_partitioned, lockstep_batches, partitioned_reference_wanted
 
 # ==================================================================== setup
 
@@ -338,8 +338,6 @@ def build_reference(cfg, policy, model_path: Path, mode: str, device: torch.devi
         # The frozen base weights under the adapter are the reference: no second copy in memory.
         return Reference(mode, policy, policy.disable_adapter)
     if partition:
-        from .sharded_reference import load_partitioned
-
         model = load_partitioned(model_path, cfg.train.precision, cfg.model.trust_remote_code)
         return Reference(mode, model.requires_grad_(False), partitioned=True)
     from .models import load_model
