@@ -437,11 +437,11 @@ def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference:
             generator = _micro_generator(loss, run, cfg.train.seed, -1, start)  # fixed draws: a stable eval
             forward = pair_batch(loss, module, collated, reference_model=reference.model,
                                  reference_context=reference.context, generator=generator)
+            if not counted:  # a lockstep re-run (ZeRO-3): only its parameter gathers were needed
+                continue
             output = loss(forward.batch)
             metrics = batch_metrics(output, forward, collated)
             metrics["loss"] = reduce_losses(output, collated.per_pair.get("weight")).item()
-            if not counted:  # a lockstep re-run (ZeRO-3): only its parameter gathers were needed
-                continue
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(indices)
             count += len(indices)
