@@ -7,6 +7,8 @@ Two steps, both independent of which loss is used:
    forward, plus every per-pair and reference column the rows carry.
 2. :func:`pair_batch` runs the policy (and, when asked, a live reference) through
    :func:`dpo_zoo.logps.completion_logps` and fills exactly the fields that the loss declares it needs.
+   By default the block is not run as it is padded: it is packed into one row with each pair's prompt
+   computed once (:mod:`dpo_zoo.packing`); the padded block is the fallback and gives the same values.
 """
 
 from __future__ import annotations
@@ -187,8 +189,12 @@ def pair_batch(
     reference_context=None,
     generator: Optional[torch.Generator] = None,
     logits_mean: bool = True,
+    padding_free: bool = True,
 ) -> ForwardResult:
-    """Run the policy once over the ``[2B, L]`` block and build the :class:`PairBatch` the loss needs.
+    """Run the policy once over the ``B`` pairs and build the :class:`PairBatch` the loss needs.
+
+    ``padding_free``: pack the pairs into one row, each prompt once (see :func:`completion_logps`);
+    else run the padded ``[2B, L]`` block.
 
     Reference values come from ``collated.reference`` (the cache) unless ``reference_model`` is given,
     in which case it runs without gradients inside ``reference_context()`` when given (e.g. a PEFT
@@ -198,8 +204,8 @@ def pair_batch(
     vocab = Need.VOCAB_LOGPS in wants
     n = collated.n_pairs
     out = completion_logps(
-        policy, collated.input_ids, collated.attention_mask, collated.completion_start, vocab=vocab,
-        logits_mean=logits_mean, sq_mass=Need.SQUARED_PROB_MASS in wants,
+        policy, collated.input_ids, collated.attention_mask, collated.completion_start, pairs=n,
+        padding_free=padding_free, vocab=vocab, logits_mean=logits_mean, sq_mass=Need.SQUARED_PROB_MASS in wants,
     )
     chosen, rejected = out.split(n)
     batch = PairBatch(chosen_mask=chosen.mask, rejected_mask=rejected.mask)
@@ -213,7 +219,8 @@ def pair_batch(
 
             with (reference_context() if reference_context else contextlib.nullcontext()), torch.no_grad():
                 ref_out = completion_logps(
-                    reference_model, collated.input_ids, collated.attention_mask, collated.completion_start, vocab=vocab
+                    reference_model, collated.input_ids, collated.attention_mask, collated.completion_start, pairs=n,
+                    padding_free=padding_free, vocab=vocab,
                 )
             ref_chosen, ref_rejected = ref_out.split(n)
             _fill(batch, "reference", ref_chosen, ref_rejected, wants)

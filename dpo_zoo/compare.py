@@ -164,7 +164,7 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def score_pairs(policy, losses: Dict[str, Loss], heldout, *, pad_id: int, batch_size: int, seed: int,
                 device: torch.device, required: Sequence[str] = (), reference_model=None,
-                progress: bool = True, desc: str = "score") -> ScoredPass:
+                progress: bool = True, desc: str = "score", padding_free: bool = True) -> ScoredPass:
     """One policy pass over the held-out set; every loss of ``losses`` is called on each batch.
 
     Losses in ``required`` must work (their error propagates); any other loss that raises a
@@ -187,7 +187,7 @@ def score_pairs(policy, losses: Dict[str, Loss], heldout, *, pad_id: int, batch_
         collated = collate(rows, pad_id).to(device)
         started = time.perf_counter()
         with torch.no_grad():
-            forward = pair_batch(needs, policy, collated, reference_model=reference_model)
+            forward = pair_batch(needs, policy, collated, reference_model=reference_model, padding_free=padding_free)
         forward_seconds += time.perf_counter() - started
         batch = forward.batch
         ids.extend(collated.ids)
@@ -412,7 +412,8 @@ def score_subject(subject: Subject, cfg, heldout, *, listed: bool, several: bool
         return score_pairs(policy, scored, heldout, pad_id=tokenizer.pad_token_id, batch_size=int(c.batch_size),
                            seed=seed, device=device, required=required,
                            reference_model=bases.get(subject.base_model) if live else None,
-                           progress=bool(c.progress), desc=f"score {subject.label}")
+                           progress=bool(c.progress), desc=f"score {subject.label}",
+                           padding_free=bool(cfg.model.padding_free))
 
     timer = time.perf_counter()
     try:

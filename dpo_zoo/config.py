@@ -60,6 +60,9 @@ class ModelConfig:
     cache_dir: Optional[str] = None
     # Off unless you turn it on: a model folder's own Python code is not run.
     trust_remote_code: bool = False
+    # Run each batch of pairs as one packed row, no padding, each prompt computed once (Llama, Mistral,
+    # Qwen2, Qwen3; others run padded). false: the padded [2B, L] batch (same values up to rounding).
+    padding_free: bool = True
 
 
 @dataclass

@@ -1,14 +1,24 @@
 """The one code path that turns a causal LM and tokenized sequences into completion log-probs.
 
-Prep (the reference pass), train (the policy and a live reference) and compare all call
-:func:`completion_logps`. Sequences are ``prompt + completion`` token ids, right-padded; row ``i``'s
+Prep (the reference pass), train (the policy and a live reference), compare and drift estimation all
+call :func:`completion_logps`. Sequences are ``prompt + completion`` token ids, right-padded; row ``i``'s
 completion starts at ``completion_start[i]``. The output is aligned to completion tokens: column ``j``
 of row ``i`` is ``log π(y_j | x, y_<j)`` for the token at input position ``completion_start[i] + j``,
 read from the logits at position ``completion_start[i] + j − 1`` (the causal shift; docs/loss_maths.md, conventions).
 
-Memory: the full ``log_softmax`` over the vocabulary is never built for the whole batch; token
-log-probs are ``logit[label] − logsumexp(logits)`` computed over row chunks, and vocabulary-level
-outputs (needed only by token-level losses such as ``ra_dpo``) are built for completion positions only.
+Two ways to compute the same values:
+
+* **packed** (the default, :mod:`dpo_zoo.packing`): the sequences are packed into one row without
+  padding, each pair's prompt once ([prompt | chosen | rejected], the rejected branch attending to the
+  prompt and itself), and the LM head is applied only at the positions that predict a completion token;
+* **padded**: the ``[N, L]`` block as given (any architecture; also the fallback).
+
+Per token, ``log π(y|·) = logit[y] − logsumexp(logits)``. The LM head runs in chunks of
+``head_chunk`` completion tokens; when training (gradients on, no vocabulary-level output asked for) each
+chunk is checkpointed — only its hidden states are kept and its logits are recomputed in the backward
+pass — so no ``[tokens, V]`` logits tensor stays alive for backward. Vocabulary-level outputs (needed
+only by token-level losses such as ``ra_dpo`` and ``tdpo``) are built for completion positions only,
+from the same chunks.
 """
 
 from __future__ import annotations
@@ -18,6 +28,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import packing
 
 
 @dataclass
@@ -70,23 +83,26 @@ def completion_index(completion_start: torch.Tensor, lengths: torch.Tensor, seq_
     return positions, mask
 
 
+def _topk_and_rest(vocab_logps: torch.Tensor, k: int):
+    """(top-k log-probs, their ids, log of the leftover mass ``log(1 − Σ_topk p)``), without grad."""
+    with torch.no_grad():
+        top_values, top_ids = vocab_logps.detach().topk(k, dim=-1)
+        top_mass = torch.logsumexp(top_values, dim=-1)
+        # log(1 − exp(top_mass)) without cancellation; clamp avoids log(0) when top-k is all.
+        rest = torch.log(-torch.expm1(top_mass.clamp(max=-1e-12)))
+    return top_values, top_ids, rest
+
+
 def _forward_accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM under any wrappers (DeepSpeed engine, PEFT) takes ``logits_to_keep``."""
-    inner = model
-    for _ in range(4):  # engine -> PeftModel -> LoraModel -> the transformers model
-        if hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
-            inner = inner.module
-        elif hasattr(inner, "get_base_model"):
-            inner = inner.get_base_model()
-        else:
-            break
+    inner = packing.causal_lm(model)
     try:
         return "logits_to_keep" in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def completion_logps(
+def padded_completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -98,13 +114,7 @@ def completion_logps(
     sq_mass: bool = False,
     row_chunk: int = 4,
 ) -> CompletionLogps:
-    """Run ``model`` once on ``input_ids`` [N,L] and return completion log-probs (see module doc).
-
-    ``vocab=True`` also returns the full log-softmax [N,T,V] at completion positions (differentiable);
-    ``topk=k`` returns the top-k reference distribution per position plus the leftover mass (no grad);
-    ``sq_mass=True`` returns ``log Σ_v π(v)² = logsumexp(2·logits) − 2·logsumexp(logits)`` (no grad).
-    Computation is in at least fp32 whatever the model's dtype. Gradients flow when the caller has
-    them enabled (training); wrap in ``torch.inference_mode()`` for reference passes.
+    """The padded path of :func:`completion_logps`: the model runs once on the ``[N, L]`` block as given.
 
     Speed: logits are asked for only from the earliest position that predicts a completion token on
     (``logits_to_keep``, when the model takes it: the LM head's cost on prompt tokens is skipped and
@@ -143,12 +153,7 @@ def completion_logps(
             if vocab:
                 vocab_chunks.append(chunk_vocab)
             if topk:
-                with torch.no_grad():
-                    top_values, top_ids = chunk_vocab.detach().topk(topk, dim=-1)
-                    top_mass = torch.logsumexp(top_values, dim=-1)
-                    # log(1 − exp(top_mass)) without cancellation; clamp avoids log(0) when top-k is all.
-                    rest = torch.log(-torch.expm1(top_mass.clamp(max=-1e-12)))
-                    topk_chunks.append((top_values, top_ids, rest))
+                topk_chunks.append(_topk_and_rest(chunk_vocab, topk))
         if sq_mass:
             with torch.no_grad():
                 per_position = torch.logsumexp(2.0 * chunk_logits.detach(), dim=-1) - 2.0 * log_norm.detach()
@@ -174,4 +179,122 @@ def completion_logps(
         result.logits_mean = torch.cat(mean_chunks)
     if sq_mass:
         result.log_sq_mass = torch.cat(sq_chunks) if sq_chunks else result.token_logps.new_zeros(n_rows, width)
+    return result
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_start: torch.Tensor,
+    *,
+    pairs: Optional[int] = None,
+    padding_free: bool = True,
+    vocab: bool = False,
+    topk: int = 0,
+    logits_mean: bool = False,
+    sq_mass: bool = False,
+    head_chunk: int = 512,
+) -> CompletionLogps:
+    """Run ``model`` once over the sequences ``input_ids`` [N,L] and return completion log-probs.
+
+    ``pairs=n``: the first ``n`` rows are chosen sequences and the next ``n`` their rejected partners,
+    so each pair's prompt is computed once. ``padding_free=False`` runs the padded block instead (the
+    same values up to float rounding; see the module docstring).
+    ``vocab=True`` also returns the full log-softmax [N,T,V] at completion positions (differentiable);
+    ``topk=k`` returns the top-k reference distribution per position plus the leftover mass (no grad);
+    ``sq_mass=True`` returns ``log Σ_v π(v)² = logsumexp(2·logits) − 2·logsumexp(logits)`` (no grad).
+    Computation is in at least fp32 whatever the model's dtype. Gradients flow when the caller has
+    them enabled (training); wrap in ``torch.inference_mode()`` or ``torch.no_grad()`` for reference passes.
+    """
+    options = dict(vocab=vocab, topk=topk, logits_mean=logits_mean, sq_mass=sq_mass)
+    if padding_free and input_ids.shape[0]:
+        row = packing.pack_rows(input_ids, attention_mask, completion_start, pairs)
+        if row is not None and row.labels.numel() and packing.prepare(model, row.longest_segment):
+            return packed_completion_logps(model, row, head_chunk=head_chunk, **options)
+    return padded_completion_logps(model, input_ids, attention_mask, completion_start, **options)
+
+
+def _head_values(head: Optional[torch.nn.Module], hidden: torch.Tensor, labels: torch.Tensor,
+                 vocab: bool, topk: int, logits_mean: bool, sq_mass: bool):
+    """Per-token values of one chunk of ``m`` completion tokens: ``hidden`` [m,H] goes through ``head``
+    (or already is the logits when ``head`` is None). Returns (token log-probs [m], vocab [m,V] or None,
+    top-k triple or None, mean logit [m] or None, log Σ p² [m] or None)."""
+    logits = head(hidden) if head is not None else hidden
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    log_norm = torch.logsumexp(logits, dim=-1)
+    tokens = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_norm
+    vocab_logps = logits - log_norm.unsqueeze(1) if (vocab or topk) else None
+    top = _topk_and_rest(vocab_logps, topk) if topk else None
+    with torch.no_grad():
+        mean = logits.detach().mean(-1) if logits_mean else None
+        square = torch.logsumexp(2.0 * logits.detach(), dim=-1) - 2.0 * log_norm.detach() if sq_mass else None
+    return tokens, (vocab_logps if vocab else None), top, mean, square
+
+
+def packed_completion_logps(
+    model: torch.nn.Module,
+    row: "packing.PackedRow",
+    *,
+    vocab: bool = False,
+    topk: int = 0,
+    logits_mean: bool = False,
+    sq_mass: bool = False,
+    head_chunk: int = 512,
+) -> CompletionLogps:
+    """The packed path of :func:`completion_logps` for a row built by :func:`dpo_zoo.packing.pack_rows`.
+
+    When the LM head can be applied apart from the model (:func:`dpo_zoo.packing.lm_head_of`), the
+    decoder runs over the row and the head only over the ``M`` predicting positions, ``head_chunk`` at
+    a time; otherwise the whole model runs with ``logits_to_keep`` = those positions.
+    """
+    device = row.input_ids.device
+    call = dict(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False,
+                attention_mask=packing.mask_placeholder(device), packed_row=row)
+    split = packing.lm_head_of(model)
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(**call).last_hidden_state[0].index_select(0, row.predictor)  # [M, H]
+    else:
+        head = None
+        hidden = model(**call, logits_to_keep=row.predictor).logits[0]  # [M, V]
+    # Checkpointing a chunk keeps only its hidden states for backward; a vocabulary-level output is
+    # kept whole by the loss anyway, so recomputing its logits would save nothing.
+    recompute = head is not None and not vocab and torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for chunk_hidden, chunk_labels in zip(hidden.split(head_chunk), row.labels.split(head_chunk)):
+        flags = (vocab, topk, logits_mean, sq_mass)
+        if recompute:
+            parts.append(checkpoint(_head_values, head, chunk_hidden, chunk_labels, *flags, use_reentrant=False))
+        else:
+            parts.append(_head_values(head, chunk_hidden, chunk_labels, *flags))
+
+    n, width = row.n_rows, row.width
+    place = (row.rows, row.cols)
+
+    def spread(values: torch.Tensor, fill_shape=()) -> torch.Tensor:
+        out = values.new_zeros((n, width) + tuple(fill_shape))
+        return out.index_put(place, values)
+
+    tokens = torch.cat([p[0] for p in parts]) if parts else hidden.new_zeros(0).float()
+    result = CompletionLogps(
+        token_logps=spread(tokens),
+        mask=torch.zeros(n, width, dtype=torch.bool, device=device).index_put(place, torch.ones_like(row.rows, dtype=torch.bool)),
+        labels=row.labels.new_zeros(n, width).index_put(place, row.labels),
+    )
+    if vocab:
+        result.vocab_logps = spread(torch.cat([p[1] for p in parts]), fill_shape=(parts[0][1].shape[-1],))
+    if topk:
+        values = torch.cat([p[2][0] for p in parts])
+        result.topk_logps = spread(values, fill_shape=(values.shape[-1],))
+        result.topk_ids = spread(torch.cat([p[2][1] for p in parts]), fill_shape=(values.shape[-1],))
+        result.rest_logmass = spread(torch.cat([p[2][2] for p in parts]))
+    if logits_mean:
+        means = torch.cat([p[3] for p in parts])
+        counts = torch.zeros(n, dtype=means.dtype, device=device).index_add_(0, row.rows, torch.ones_like(means))
+        sums = torch.zeros(n, dtype=means.dtype, device=device).index_add_(0, row.rows, means)
+        result.logits_mean = sums / counts.clamp(min=1)
+    if sq_mass:
+        result.log_sq_mass = spread(torch.cat([p[4] for p in parts]))
     return result

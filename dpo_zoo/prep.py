@@ -13,9 +13,10 @@ written to be run from the repository root.
 (``cache hit: <path>``) and left alone, so a second run of the same config takes seconds; a miss names
 the differing fields and rebuilds; an interrupted prep resumes, recomputing only unfinished shards.
 
-**Reference pass.** Inside one shard, the chosen and rejected sequences are sorted by length and cut
-into batches of ``2 × prep.batch_size`` sequences (little padding); each batch is one
-:func:`dpo_zoo.logps.completion_logps` call under ``torch.inference_mode()``. Batches never cross
+**Reference pass.** Inside one shard, the pairs are sorted by length and cut into batches of
+``prep.batch_size`` pairs; each batch is one :func:`dpo_zoo.logps.completion_logps` call under
+``torch.inference_mode()``, which packs the batch into one row without padding, each pair's prompt
+computed once (``model.padding_free``; :mod:`dpo_zoo.packing`). Batches never cross
 shards, so a shard's values depend only on the shard: a resumed or multi-process prep writes the same
 bytes as a single uninterrupted one.
 
@@ -76,29 +77,26 @@ class Batch:
 
 
 def plan_batches(rows: Sequence[TokenizedPair], batch_size: int, pad_id: int) -> List[Batch]:
-    """Length-grouped batches of ``2 × batch_size`` sequences over the chosen and rejected sides of
-    ``rows``, longest first (so a batch too big for memory fails at once, not at the end)."""
-    sequences = []
-    for index, row in enumerate(rows):
-        sequences.append((len(row.chosen_input_ids), index, "chosen", row.chosen_input_ids, row.chosen_completion_start))
-        sequences.append((len(row.rejected_input_ids), index, "rejected", row.rejected_input_ids,
-                          row.rejected_completion_start))
-    sequences.sort(key=lambda s: (-s[0], s[1], s[2]))
-    per_batch = 2 * batch_size
+    """Batches of ``batch_size`` pairs, longest pairs first (so a batch too big for memory fails at
+    once, not at the end), each as ``batch_size`` chosen rows followed by their rejected partners: the
+    layout :func:`completion_logps` packs with each prompt computed once (``pairs=``)."""
+    order = sorted(range(len(rows)), key=lambda i: (-(len(rows[i].chosen_input_ids) + len(rows[i].rejected_input_ids)), i))
     batches = []
-    for begin in range(0, len(sequences), per_batch):
-        group = sequences[begin : begin + per_batch]
-        width = group[0][0]
-        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
-        for b, (length, _, _, ids, _) in enumerate(group):
-            input_ids[b, :length] = torch.as_tensor(ids, dtype=torch.long)
-            attention_mask[b, :length] = 1
+    for begin in range(0, len(order), batch_size):
+        group = order[begin : begin + batch_size]
+        sequences = [(i, "chosen", rows[i].chosen_input_ids, rows[i].chosen_completion_start) for i in group]
+        sequences += [(i, "rejected", rows[i].rejected_input_ids, rows[i].rejected_completion_start) for i in group]
+        width = max(len(s[2]) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for b, (_, _, ids, _) in enumerate(sequences):
+            input_ids[b, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[b, : len(ids)] = 1
         batches.append(Batch(
-            members=[(s[1], s[2]) for s in group],
+            members=[(s[0], s[1]) for s in sequences],
             input_ids=input_ids,
             attention_mask=attention_mask,
-            completion_start=torch.as_tensor([s[4] for s in group], dtype=torch.long),
+            completion_start=torch.as_tensor([s[3] for s in sequences], dtype=torch.long),
         ))
     return batches
 
@@ -111,6 +109,7 @@ def reference_pass(
     topk: int,
     pad_id: int,
     device: torch.device,
+    padding_free: bool = True,
     on_batch: Optional[Callable[[Batch], None]] = None,
 ) -> List[PairReference]:
     """Reference values of ``rows`` (one shard): per-token log-probs, their sums and, with ``topk``,
@@ -125,6 +124,8 @@ def reference_pass(
                 batch.input_ids.to(device),
                 batch.attention_mask.to(device),
                 batch.completion_start.to(device),
+                pairs=len(batch.members) // 2,
+                padding_free=padding_free,
                 topk=topk,
             )
         token_logps = out.token_logps.float().cpu().numpy()
@@ -471,6 +472,7 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
                 bar.update(progress["sequences"] // 2 - bar.n)
             else:
                 references = reference_pass(model, shard, batch_size=cfg.prep.batch_size, topk=int(cfg.prep.topk),
+                                            padding_free=bool(cfg.model.padding_free),
                                             pad_id=pad_id, device=device, on_batch=on_batch)
             writer.write(index, build_shard_table(shard, references, layout), shard_token_counts(shard),
                          written_by={"rank": processes.rank, "world_size": processes.world})

@@ -41,6 +41,8 @@ RUN_RECORD_FIELDS = ("loss", "loss_hparams", "base_model")
 WATCH_ONLY_SETTINGS = ("output_dir", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints",
                        "overwrite", "resume", "report_to", "project", "run_name",
                        "distributed_timeout_s")
+# Model settings that change how the values are computed, not the values (beyond float rounding).
+RUNTIME_ONLY_MODEL_SETTINGS = ("padding_free",)
 
 
 class RunFolderError(UserError, ValueError):
@@ -74,11 +76,13 @@ def write_run_record(folder: Path, record: Dict[str, Any]) -> None:
 
 def training_identity(config: Dict[str, Any], cache_key: Dict[str, Any]) -> Dict[str, Any]:
     """What a run's weights depend on: the resolved ``config`` (a plain dict) less
-    :data:`WATCH_ONLY_SETTINGS`, and the ``cache_key`` of the prepared set it trains on. run.json
+    :data:`WATCH_ONLY_SETTINGS` and :data:`RUNTIME_ONLY_MODEL_SETTINGS`, and the ``cache_key`` of the prepared set it trains on. run.json
     records both (``config``, ``cache_key``); every checkpoint stores the identity itself."""
     config = json.loads(json.dumps(config, default=str))
     for key in WATCH_ONLY_SETTINGS:
         config.get("train", {}).pop(key, None)
+    for key in RUNTIME_ONLY_MODEL_SETTINGS:
+        config.get("model", {}).pop(key, None)
     return {"config": config, "cache_key": dict(cache_key)}
 
 

@@ -436,7 +436,8 @@ def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference:
             collated = collate(dataset.rows(indices, columns), pad_id).to(run.device)
             generator = _micro_generator(loss, run, cfg.train.seed, -1, start)  # fixed draws: a stable eval
             forward = pair_batch(loss, module, collated, reference_model=reference.model,
-                                 reference_context=reference.context, generator=generator)
+                                 reference_context=reference.context, generator=generator,
+                                 padding_free=cfg.model.padding_free)
             if not counted:  # a lockstep re-run (ZeRO-3): only its parameter gathers were needed
                 continue
             output = loss(forward.batch)
@@ -513,7 +514,8 @@ def train(cfg) -> Path:
             tqdm(total=max_steps, initial=start_step, desc=f"train {name}", disable=not (run.is_main and t.progress)))
         last_metrics: Dict[str, float] = {}
         for step in range(start_step, max_steps):
-            last_metrics = train_step(engine, loss, train_set, columns, reference, watch, run, t, pad_id, step)
+            last_metrics = train_step(engine, loss, train_set, columns, reference, watch, run, t, pad_id, step,
+                                      padding_free=cfg.model.padding_free)
             done = step + 1
             if sync is not None and sync.due(done):
                 soft_update(moving_reference, engine.module, sync.alpha)
@@ -536,7 +538,7 @@ def train(cfg) -> Path:
 
 
 def train_step(engine, loss: Loss, train_set, columns: List[str], reference: Reference, watch: GradientWatch,
-               run: Run, t, pad_id: int, step: int) -> Dict[str, float]:
+               run: Run, t, pad_id: int, step: int, padding_free: bool = True) -> Dict[str, float]:
     """One optimizer step (0-based ``step``): per micro-batch the forward pass, the loss, the finite
     checks and the backward pass, then DeepSpeed's update. Returns the step's metrics, averaged over
     micro-batches and ranks. A non-finite loss or gradient stops the run before the update."""
@@ -549,7 +551,7 @@ def train_step(engine, loss: Loss, train_set, columns: List[str], reference: Ref
         forward = pair_batch(
             loss, engine, collated,
             reference_model=reference.model, reference_context=reference.context,
-            generator=_micro_generator(loss, run, t.seed, step, micro),
+            generator=_micro_generator(loss, run, t.seed, step, micro), padding_free=padding_free,
         )
         output = loss(forward.batch)
         micro_loss = reduce_losses(output, collated.per_pair.get("weight"))

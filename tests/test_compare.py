@@ -295,8 +295,9 @@ def test_losses_all_from_one_forward_pass(tiny_prepared, tiny_model_dir, tmp_pat
     calls = []
 
     def count(module, args, kwargs, output):
-        if isinstance(module, GenerationMixin):  # the causal LM itself, not its inner LlamaModel
-            calls.append(kwargs.get("input_ids", args[0] if args else None).shape[0])
+        # the decoder (LlamaModel): the packed path runs it and applies the LM head itself
+        if not isinstance(module, GenerationMixin) and hasattr(module, "layers") and hasattr(module, "embed_tokens"):
+            calls.append(kwargs.get("input_ids", args[0] if args else None).shape)
 
     handle = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True)
     try:
@@ -306,7 +307,7 @@ def test_losses_all_from_one_forward_pass(tiny_prepared, tiny_model_dir, tmp_pat
         handle.remove()
     n_pairs = summary["data"]["pairs"]
     assert len(calls) == math.ceil(n_pairs / 4)  # one forward per batch of 4 pairs
-    assert sum(calls) == 2 * n_pairs  # each a [2B, L] block: chosen rows, then rejected rows
+    assert all(shape[0] == 1 for shape in calls)  # each one packed row: [prompt | chosen | rejected] per pair
     scored = {e["label"] for e in summary["entries"]}
     assert scored == set(registered_losses()) - {"ra_dpo_official"}
     assert any(note.startswith("ra_dpo_official: not scored") for note in summary["notes"])

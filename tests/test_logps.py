@@ -1,4 +1,5 @@
-"""`completion_logps` against a brute-force reading of the full log-softmax, values and gradients.
+"""The padded path of `completion_logps` against a brute-force reading of the full log-softmax,
+values and gradients (the packed path is checked against this one in tests/test_packing.py).
 
 The fast path asks the model for logits only from the earliest completion position on
 (``logits_to_keep``) and works on row chunks; neither may change a number beyond float32 rounding:
@@ -9,7 +10,7 @@ of a few nats; tests/README.md).
 import pytest
 import torch
 
-from dpo_zoo.logps import _forward_accepts_logits_to_keep, completion_logps
+from dpo_zoo.logps import _forward_accepts_logits_to_keep, padded_completion_logps as completion_logps
 
 
 @pytest.fixture(scope="module")

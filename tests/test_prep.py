@@ -151,19 +151,19 @@ def test_topk_is_the_models_top_k(workdir):
     np.testing.assert_allclose(row[S.REF_CHOSEN_REST_LOGMASS], rest, atol=1e-5)
 
 
-def test_batches_group_lengths_and_cover_every_sequence(workdir):
+def test_batches_are_pairs_longest_first_and_cover_every_sequence(workdir):
     cfg = make_cfg()
     context = _load_context(cfg, Processes(single=True))
     rows = prep_module._tokenize(cfg, context)["train"]
     batches = plan_batches(rows, 3, pad_id=0)
     members = [m for b in batches for m in b.members]
     assert sorted(members) == sorted((i, side) for i in range(len(rows)) for side in ("chosen", "rejected"))
-    widths = [b.input_ids.shape[1] for b in batches]
-    assert widths == sorted(widths, reverse=True) and all(b.input_ids.shape[0] <= 6 for b in batches)
-    padding = sum(int((b.attention_mask == 0).sum()) for b in batches)
-    unsorted = sum(max(len(r.chosen_input_ids), len(r.rejected_input_ids)) * 2 for r in rows) - sum(
-        len(r.chosen_input_ids) + len(r.rejected_input_ids) for r in rows)
-    assert padding <= unsorted  # never worse than padding each pair to its longer side
+    totals = []
+    for b in batches:
+        n = len(b.members) // 2
+        assert n <= 3 and b.members == [(i, "chosen") for i, _ in b.members[:n]] + [(i, "rejected") for i, _ in b.members[:n]]
+        totals += [len(rows[i].chosen_input_ids) + len(rows[i].rejected_input_ids) for i, _ in b.members[:n]]
+    assert totals == sorted(totals, reverse=True)  # longest pairs first: a batch too big fails at once
 
 
 # ---------------------------------------------------------------- hits and misses
