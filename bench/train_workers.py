@@ -76,6 +76,11 @@ class StepClock:
         self.current = {"step": len(self.steps) + 1, "begin_wall": wall, "begin_cpu": cpu, "tokens": 0,
                         "padded_tokens": 0, "sequences": 0, "width": 0}
 
+    def computed(self, positions: int) -> None:
+        """Positions a packed forward runs over (the packed row's length)."""
+        if self.current is not None:
+            self.current["computed_positions"] = self.current.get("computed_positions", 0) + positions
+
     def batch(self, attention_mask) -> None:
         if self.current is None:
             raise RuntimeError("a batch was seen outside a step")
@@ -170,14 +175,25 @@ def worker_prep(spec: Dict[str, Any]) -> Dict[str, Any]:
             "note": "run_prep end to end: data loading, tokenization, model loading, reference pass, shard and manifest writes"}
 
 
-def worker_dpo_zoo(spec: Dict[str, Any]) -> Dict[str, Any]:
+def worker_dpo_zoo(spec: Dict[str, Any], padding_free: bool = True) -> Dict[str, Any]:
     set_threads(spec)
+    import dpo_zoo.logps as L
     import dpo_zoo.trainer as T
     from dpo_zoo.config import load_config
 
     imports_mb = memory_mb()["VmRSS"]
     clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"])
-    cfg = load_config([], dpo_zoo_overrides(spec) + [f"train.output_dir={spec['run_dir']}"])
+    cfg = load_config([], dpo_zoo_overrides(spec) + [f"train.output_dir={spec['run_dir']}",
+                                                     f"model.padding_free={str(padding_free).lower()}"])
+    pack_rows = L.packing.pack_rows
+
+    def counted_pack_rows(*args, **kwargs):  # the positions the packed forward really runs over
+        row = pack_rows(*args, **kwargs)
+        if row is not None:
+            clock.computed(row.length)
+        return row
+
+    L.packing.pack_rows = counted_pack_rows
 
     # Hooks from outside the trainer (its code is untouched): a step begins where the trainer picks
     # the batch indices of its first micro-batch and ends when the DeepSpeed engine's step returns.

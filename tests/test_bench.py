@@ -47,11 +47,16 @@ def _train_bench(tiny_model_dir, tmp_path, trainers):
 
 @pytest.mark.slow
 def test_train_throughput_times_dpo_zoo_steps(tiny_model_dir, tmp_path):
-    figures = _train_bench(tiny_model_dir, tmp_path, "dpo_zoo")
-    ours = figures["trainers"]["dpo_zoo"]
+    figures = _train_bench(tiny_model_dir, tmp_path, "dpo_zoo,dpo_zoo_padded")
+    ours, padded = figures["trainers"]["dpo_zoo"], figures["trainers"]["dpo_zoo_padded"]
     assert ours["timed_steps"] == 3 and ours["timed_tokens"] > 0 and ours["tokens_per_s"] > 0
     assert ours["timed_padded_tokens"] >= ours["timed_tokens"]
     assert ours["peak_rss_mb"] > 0
+    # packed: each prompt once and no padding, so fewer positions than the input tokens; padded: the block
+    assert ours["timed_computed_positions"] < ours["timed_tokens"]
+    assert padded["timed_computed_positions"] == padded["timed_padded_tokens"]
+    assert ours["loss_per_step"] == pytest.approx(padded["loss_per_step"], abs=1e-5)
+    assert figures["other_ratios"]["throughput_packed_vs_padded"] is not None
 
 
 @pytest.mark.slow

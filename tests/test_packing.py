@@ -269,7 +269,6 @@ def _step_losses(out_dir: Path):
     return [json.loads(line)["loss"] for line in open(out_dir / "logs.jsonl") if '"loss"' in line]
 
 
-@pytest.mark.slow
 @pytest.mark.float_sensitive
 @pytest.mark.parametrize("name", sorted(registered_losses()))
 def test_every_registered_loss_trains_to_the_same_step_losses(name, tiny_prepared, tmp_path):
