@@ -7,9 +7,15 @@ Three trainers are run, each in a fresh subprocess of its own (so each peak RSS 
 one after the other in the same invocation, on the same model, pairs, batches, precision and threads:
 
 * **dpo_zoo**: :func:`dpo_zoo.trainer.train` with ``train.reference=cache``: reference log-probs read
-  from the prepared set, no reference model in memory. The set is built first by
+  from the prepared set, no reference model in memory; each micro-batch packed into one row, each
+  prompt once, no padding (``model.padding_free``, the default). The set is built first by
   :func:`dpo_zoo.prep.run_prep` in its own subprocess; that time is reported on its own (``prep``),
   never inside the training figure.
+* **dpo_zoo_live** (optional): the same with ``train.reference=live`` (a second copy of the model run
+  without gradients every step, packed the same way).
+* **dpo_zoo_padded** (optional): the same as ``dpo_zoo`` with ``model.padding_free=false``: each
+  micro-batch run as its padded ``[2B, L]`` block, as before packing; the in-run measure of what
+  packing brings.
 * **trl_live**: TRL's ``DPOTrainer`` with its live reference model (a second copy of the model, run
   without gradients every step).
 * **trl_precompute**: TRL's ``DPOTrainer`` with ``precompute_ref_log_probs=True``: one reference pass
@@ -24,7 +30,7 @@ pre-tokenized data, so a subclass returns the data set unchanged from ``_prepare
 tokenization TRL would do before training, never part of a step); everything else, collator
 included, is TRL's own. Both trainers then run full fine-tuning of the same fp32 weights with
 micro-batch ``--micro-batch``, gradient accumulation 1, DPO sigmoid loss with beta 0.1, AdamW (torch's,
-``torch.optim.AdamW``, weight decay 0, betas 0.9/0.999, eps 1e-8) at ``--lr`` with a linear decay and
+``torch.optim.AdamW(fused=True)``: TRL's default ``adamw_torch_fused`` and dpo_zoo's, weight decay 0, betas 0.9/0.999, eps 1e-8) at ``--lr`` with a linear decay and
 no warm-up, gradient clipping at 1.0, no gradient checkpointing, no logging, evaluation or saving
 during training on TRL's side (dpo_zoo writes its per-step ``logs.jsonl`` line, as it always does),
 ``torch.set_num_threads(--threads)`` (and OMP/MKL threads) in every process. The tokens of every step
@@ -53,8 +59,13 @@ is the figure the memory ratio uses there.
 With ``--repeats N`` the three trainers run N times each, in rotating order; each one's fastest run
 (by wall-clock throughput) is reported, all runs are kept in the JSON.
 
-Targets (issue 4): dpo_zoo / TRL-live throughput >= 1.3, dpo_zoo / TRL-precompute throughput >= 1.0,
-dpo_zoo / TRL-live peak memory <= 0.85.
+Tokens are the same count for every trainer (the padded block's real tokens, prompts counted twice):
+the ratios are ratios of time for the same work. What each trainer's model actually ran over is
+reported as "positions computed" (dpo_zoo: the packed rows' lengths).
+
+Targets (issue 14), by ``--preprocessor``: HH-RLHF: dpo_zoo / TRL-live throughput >= 2.5,
+dpo_zoo / TRL-precompute >= 2.0, dpo_zoo / TRL-live peak memory <= 0.6; VADER (short prompts):
+dpo_zoo / TRL-precompute >= 1.5.
 """
 
 from __future__ import annotations
@@ -75,7 +86,7 @@ from train_workers import worker_dpo_zoo, worker_prep, worker_trl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"  # shipped, MIT
-TRAINERS = ("dpo_zoo", "dpo_zoo_padded", "trl_live", "trl_precompute")
+TRAINERS = ("dpo_zoo", "dpo_zoo_live", "dpo_zoo_padded", "trl_live", "trl_precompute")
 DEFAULT_TRAINERS = ("dpo_zoo", "trl_live", "trl_precompute")
 # Issue 14's targets, by data set: HH-RLHF has long prompts (computed once per pair by dpo_zoo); the
 # VADER movie-review pairs (--preprocessor vader) have short ones, so only padding is saved there.
@@ -118,7 +129,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--repeats", type=int, default=1, help="runs per trainer (rotating order); the fastest is reported")
     parser.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS),
-                        help="comma-separated subset of " + ",".join(TRAINERS) + " (dpo_zoo_padded: model.padding_free=false)")
+                        help="comma-separated subset of " + ",".join(TRAINERS)
+                        + " (dpo_zoo_live: train.reference=live; dpo_zoo_padded: model.padding_free=false)")
     parser.add_argument("--workdir", default=None, help="keep prepared set, runs and worker logs here (default: a temp folder)")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file (and a .md table beside it)")
     # Internal: one worker process.
@@ -142,8 +154,9 @@ def run_worker_main(args) -> int:
     started = time.perf_counter()
     if args.worker == "prep":
         result = worker_prep(spec)
-    elif args.worker in ("dpo_zoo", "dpo_zoo_padded"):
-        result = worker_dpo_zoo(spec, padding_free=args.worker == "dpo_zoo")
+    elif args.worker.startswith("dpo_zoo"):
+        result = worker_dpo_zoo(spec, padding_free=args.worker != "dpo_zoo_padded",
+                                reference="live" if args.worker == "dpo_zoo_live" else "cache")
     else:
         result = worker_trl(spec, precompute=args.worker == "trl_precompute")
     result["worker_s"] = round(time.perf_counter() - started, 3)
@@ -256,7 +269,7 @@ def ratio_entry(name: str, value: Optional[float], targets: Dict[str, Any]) -> D
 def markdown(figures: Dict[str, Any]) -> str:
     runs, s = figures["trainers"], figures["settings"]
     names = [t for t in TRAINERS if t in runs]
-    heads = {"dpo_zoo": "dpo_zoo (cache)", "dpo_zoo_padded": "dpo_zoo padded (cache)", "trl_live": "TRL live ref",
+    heads = {"dpo_zoo": "dpo_zoo (cache)", "dpo_zoo_live": "dpo_zoo live ref", "dpo_zoo_padded": "dpo_zoo padded (cache)", "trl_live": "TRL live ref",
              "trl_precompute": "TRL precomputed ref"}
 
     def row(label, fn):
@@ -270,6 +283,8 @@ def markdown(figures: Dict[str, Any]) -> str:
         return f"| {label} | " + " | ".join(cells) + " |"
 
     def ref_pass(name, r):
+        if name == "dpo_zoo_live":
+            return "every step (packed)"
         if name.startswith("dpo_zoo"):
             return f"{figures['prep']['prep_s']:.1f} s (prep, end to end)"
         if name == "trl_precompute":
@@ -418,6 +433,8 @@ def main(argv=None) -> int:
     }
     extra_ratios = {
         "throughput_packed_vs_padded": ratio("dpo_zoo", "dpo_zoo_padded", "tokens_per_s"),
+        "throughput_live_vs_trl_live": ratio("dpo_zoo_live", "trl_live", "tokens_per_s"),
+        "peak_rss_live_vs_trl_live": ratio("dpo_zoo_live", "trl_live", "peak_rss_mb"),
         "peak_rss_packed_vs_padded": ratio("dpo_zoo", "dpo_zoo_padded", "peak_rss_mb"),
         "cpu_throughput_vs_trl_live": ratio("dpo_zoo", "trl_live", "tokens_per_cpu_s"),
         "cpu_throughput_vs_trl_precompute": ratio("dpo_zoo", "trl_precompute", "tokens_per_cpu_s"),

@@ -175,7 +175,7 @@ def worker_prep(spec: Dict[str, Any]) -> Dict[str, Any]:
             "note": "run_prep end to end: data loading, tokenization, model loading, reference pass, shard and manifest writes"}
 
 
-def worker_dpo_zoo(spec: Dict[str, Any], padding_free: bool = True) -> Dict[str, Any]:
+def worker_dpo_zoo(spec: Dict[str, Any], padding_free: bool = True, reference: str = "cache") -> Dict[str, Any]:
     set_threads(spec)
     import dpo_zoo.logps as L
     import dpo_zoo.trainer as T
@@ -184,7 +184,8 @@ def worker_dpo_zoo(spec: Dict[str, Any], padding_free: bool = True) -> Dict[str,
     imports_mb = memory_mb()["VmRSS"]
     clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"])
     cfg = load_config([], dpo_zoo_overrides(spec) + [f"train.output_dir={spec['run_dir']}",
-                                                     f"model.padding_free={str(padding_free).lower()}"])
+                                                     f"model.padding_free={str(padding_free).lower()}",
+                                                     f"train.reference={reference}"])
     pack_rows = L.packing.pack_rows
 
     def counted_pack_rows(*args, **kwargs):  # the positions the packed forward really runs over
@@ -316,7 +317,7 @@ def worker_trl(spec: Dict[str, Any], precompute: bool) -> Dict[str, Any]:
         lr_scheduler_type="linear",
         warmup_steps=0,
         weight_decay=0.0,
-        optim="adamw_torch",  # torch.optim.AdamW, as dpo_zoo (TRL's default would be the fused variant)
+        optim="adamw_torch_fused",  # TRL's default: torch.optim.AdamW(fused=True), as dpo_zoo
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_epsilon=1e-8,

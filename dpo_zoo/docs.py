@@ -301,6 +301,16 @@ def study_markdown() -> str:
                       rewards.__doc__.strip()]) + "\n"
 
 
+def performance_markdown() -> str:
+    from . import logps, packing
+
+    return "\n".join(["# How a batch is computed: shared prompts, no padding, a chunked LM head", "", GENERATED, "",
+                      packing.__doc__.strip(), "", "## Log-probs and the LM head", "", logps.__doc__.strip(), "",
+                      "## Measured", "",
+                      "Against TRL and against the padded path, with the commands that produced the figures: "
+                      "[bench/README.md](../bench/README.md) and `bench/results/`."]) + "\n"
+
+
 def generated_docs() -> Dict[Path, str]:
     return {
         DOCS / "losses.md": losses_markdown(),
@@ -310,6 +320,7 @@ def generated_docs() -> Dict[Path, str]:
         DOCS / "cache.md": cache_markdown(),
         DOCS / "checkpoints.md": checkpoints_markdown(),
         DOCS / "study.md": study_markdown(),
+        DOCS / "performance.md": performance_markdown(),
     }
 
 

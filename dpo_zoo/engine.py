@@ -83,7 +83,10 @@ def build_engine(cfg, policy, world_size: int, total_steps: int):
     if "optimizer" in ds_config:
         optimizer = None
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+        # torch's fused AdamW kernel (CPU and CUDA): the same update as the per-tensor loop in one pass
+        # over each parameter, its gradient and its two moments (on CPU the per-tensor loop is torch's default).
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                                      fused=True)
     engine, _, _, _ = deepspeed.initialize(
         model=policy,
         model_parameters=params,
@@ -92,6 +95,10 @@ def build_engine(cfg, policy, world_size: int, total_steps: int):
         lr_scheduler=schedule(cfg.train, total_steps),
     )
     _use_safe_checkpoint_loading(engine)
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
+        # One process, no partitioning: DeepSpeed's gradient all-reduce would only copy every gradient
+        # into flat buckets and back (a sum over one rank, divided by 1).
+        engine.enable_backward_allreduce = False
     return engine
 
 

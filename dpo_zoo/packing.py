@@ -25,6 +25,17 @@ A pair whose two sequences do not start with the same prompt tokens (e.g. trunca
 any sequence list that is not pairs (drift estimation over samples), is packed as plain causal
 segments, one per sequence: no prompt sharing, still no padding.
 
+Batches
+-------
+A step still holds a fixed number of pairs (``train.micro_batch_size`` × accumulation × processes), in
+the same seeded order: packing changes how a micro-batch is computed, not which pairs it holds, so
+resuming, gradient accumulation and the slicing across processes are exactly those of the padded path
+(losses are means over pairs either way). There is no token budget and no length-aware regrouping:
+segments never attend to each other, so a packed micro-batch costs the sum of its segments' costs
+however their lengths mix, and regrouping would save nothing (it would for a kernel that pays for the
+whole row, such as one dense block mask). ``prep.batch_size`` pairs are likewise packed per reference
+pass, longest pairs first.
+
 Attention
 ---------
 The model runs with the attention implementation :data:`ATTENTION_NAME`, registered with transformers'

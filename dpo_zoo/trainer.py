@@ -393,7 +393,10 @@ def batch_metrics(output: LossOutput, forward, collated: Collated) -> Dict[str, 
 class GradientWatch:
     """Flags a non-finite gradient of any trainable parameter, checked once per backward.
 
-    Hooks accumulate one boolean on the device (no host sync per parameter); :meth:`check` reads it.
+    Each parameter's hook adds the sum of its gradient to one running total on the device (no host
+    sync per parameter, no per-element mask): a NaN or infinity anywhere makes the total non-finite,
+    which :meth:`check` reads. (A float32 sum can also overflow, which takes gradient entries beyond
+    ~1e30 — a divergence reported the same way.)
     """
 
     def __init__(self, params):
@@ -401,12 +404,12 @@ class GradientWatch:
         self.handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
 
     def _hook(self, grad):
-        ok = torch.isfinite(grad).all()
-        self.finite = ok if self.finite is None else self.finite & ok
+        total = grad.sum(dtype=torch.float32)
+        self.finite = total if self.finite is None else self.finite + total
         return grad
 
     def check(self) -> bool:
-        ok = True if self.finite is None else bool(self.finite.item())
+        ok = True if self.finite is None else bool(torch.isfinite(self.finite).item())
         self.finite = None
         return ok
 

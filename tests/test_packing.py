@@ -133,6 +133,32 @@ def test_packed_values_and_gradients_equal_the_padded_path(family):
 
 
 @pytest.mark.float_sensitive
+def test_gradient_checkpointing_and_lora_adapters_keep_the_packed_values():
+    """Recomputed decoder layers get the packed row again; LoRA layers inside the decoder are run by
+    the split head path too (the adapter switched off gives the base model's values)."""
+    import peft
+
+    model = _family("llama")
+    ids, mask, starts = _random_pairs()
+    expected = padded_completion_logps(model, ids, mask, starts)
+    model.gradient_checkpointing_enable()
+    model.train()
+    checkpointed = completion_logps(model, ids, mask, starts, pairs=3)
+    checkpointed.sums().sum().backward()  # recomputes each layer with the packed row
+    torch.testing.assert_close(checkpointed.token_logps, expected.token_logps, atol=TOLERANCE, rtol=0)
+    model.gradient_checkpointing_disable()
+
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with_adapter = completion_logps(wrapped, ids, mask, starts, pairs=3)
+    assert (with_adapter.token_logps - expected.token_logps).abs().max() > 1e-3  # the adapter is applied
+    torch.testing.assert_close(with_adapter.token_logps, padded_completion_logps(wrapped, ids, mask, starts).token_logps,
+                               atol=TOLERANCE, rtol=0)
+    with wrapped.disable_adapter():
+        base = completion_logps(wrapped, ids, mask, starts, pairs=3)
+    torch.testing.assert_close(base.token_logps, expected.token_logps, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.float_sensitive
 def test_generation_is_unchanged_by_the_packed_attention_implementation():
     model = _family("llama").eval()
     prompt = torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]])
