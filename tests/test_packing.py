@@ -336,3 +336,16 @@ def test_prep_writes_the_padded_paths_cache(tiny_model_dir, tmp_path):
                 torch.testing.assert_close(right, left, atol=TOLERANCE, rtol=0, msg=column)
             else:
                 assert b[column] == value, column
+
+
+def test_padding_free_is_not_part_of_a_runs_identity(tiny_prepared):
+    """Switching the padded path on or off changes how the values are computed, not what a run
+    trains: a finished run is reused and a checkpoint resumed either way."""
+    from dpo_zoo.config import as_dict
+    from dpo_zoo.run_folder import identity_changes, training_identity
+
+    identities = [training_identity(as_dict(load_config([], [*tiny_prepared, f"model.padding_free={v}"])), {"data": "x"})
+                  for v in ("true", "false")]
+    assert identity_changes(identities[0], identities[1]) == []
+    other = training_identity(as_dict(load_config([], [*tiny_prepared, "model.trust_remote_code=true"])), {"data": "x"})
+    assert identity_changes(identities[0], other) == ["model.trust_remote_code"]
