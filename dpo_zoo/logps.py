@@ -263,8 +263,8 @@ def packed_completion_logps(
     # kept whole by the loss anyway, so recomputing its logits would save nothing.
     recompute = head is not None and not vocab and torch.is_grad_enabled() and hidden.requires_grad
     parts = []
+    flags = (vocab, topk, logits_mean, sq_mass)
     for chunk_hidden, chunk_labels in zip(hidden.split(head_chunk), row.labels.split(head_chunk)):
-        flags = (vocab, topk, logits_mean, sq_mass)
         if recompute:
             parts.append(checkpoint(_head_values, head, chunk_hidden, chunk_labels, *flags, use_reentrant=False))
         else:
@@ -273,22 +273,21 @@ def packed_completion_logps(
     n, width = row.n_rows, row.width
     place = (row.rows, row.cols)
 
-    def spread(values: torch.Tensor, fill_shape=()) -> torch.Tensor:
-        out = values.new_zeros((n, width) + tuple(fill_shape))
-        return out.index_put(place, values)
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        """Per-token values [M, ...] into the padded layout [N, T, ...] (0 where no token)."""
+        return values.new_zeros((n, width) + tuple(values.shape[1:])).index_put(place, values)
 
     tokens = torch.cat([p[0] for p in parts]) if parts else hidden.new_zeros(0).float()
     result = CompletionLogps(
         token_logps=spread(tokens),
-        mask=torch.zeros(n, width, dtype=torch.bool, device=device).index_put(place, torch.ones_like(row.rows, dtype=torch.bool)),
-        labels=row.labels.new_zeros(n, width).index_put(place, row.labels),
+        mask=spread(torch.ones_like(row.rows, dtype=torch.bool)),
+        labels=spread(row.labels),
     )
     if vocab:
-        result.vocab_logps = spread(torch.cat([p[1] for p in parts]), fill_shape=(parts[0][1].shape[-1],))
+        result.vocab_logps = spread(torch.cat([p[1] for p in parts]))
     if topk:
-        values = torch.cat([p[2][0] for p in parts])
-        result.topk_logps = spread(values, fill_shape=(values.shape[-1],))
-        result.topk_ids = spread(torch.cat([p[2][1] for p in parts]), fill_shape=(values.shape[-1],))
+        result.topk_logps = spread(torch.cat([p[2][0] for p in parts]))
+        result.topk_ids = spread(torch.cat([p[2][1] for p in parts]))
         result.rest_logmass = spread(torch.cat([p[2][2] for p in parts]))
     if logits_mean:
         means = torch.cat([p[3] for p in parts])
