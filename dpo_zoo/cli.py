@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -154,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group of a command a launcher started (torchrun, deepspeed), before the
+    interpreter exits: left to interpreter teardown, gloo's threads can be destroyed while still
+    joinable, which aborts the process ("terminate called without an active exception") after its
+    work is done. A command run in-process (``main()`` from Python, no launcher) keeps its one-process
+    group, which DeepSpeed's own group registry goes on referring to."""
+    if "RANK" not in os.environ or "torch" not in sys.modules:  # not launched, or never joined a group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -172,6 +187,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"dpo-zoo {args.command}: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        _leave_process_group()
 
 
 if __name__ == "__main__":
