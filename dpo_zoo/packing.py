@@ -53,6 +53,7 @@ segment longer than the model's sliding window falls back to the padded path, sa
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional
@@ -180,7 +181,7 @@ def pack_rows(
         segments.append(Segment(cursor, length, mask.to(device)))
         cursor += length
 
-    width = max((lengths[r] - starts[r] for r in range(n_rows)), default=0)
+    width = max([0] + [lengths[r] - starts[r] for r in range(n_rows)])
     return PackedRow(
         input_ids=torch.cat(tokens).unsqueeze(0).to(device),
         position_ids=torch.cat(positions).unsqueeze(0).to(device),
@@ -190,7 +191,7 @@ def pack_rows(
         rows=torch.cat(rows).to(device),
         cols=torch.cat(cols).to(device),
         n_rows=n_rows,
-        width=max(width, 0),
+        width=width,
         shared_pairs=shared,
     )
 
@@ -220,7 +221,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+@functools.lru_cache(maxsize=None)
 def _register() -> None:
+    """Register :func:`packed_attention` with transformers (once per process)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -278,14 +281,9 @@ def prepare(model: torch.nn.Module, longest_segment: int) -> bool:
                   f"({window}); such batches run padded")
         return False
     if implementation != ATTENTION_NAME:
-        if not _registered:
-            _register()
-            _registered.append(True)
+        _register()
         inner.set_attn_implementation(ATTENTION_NAME)
     return True
-
-
-_registered: list = []
 
 
 def lm_head_of(model: torch.nn.Module):
