@@ -9,7 +9,7 @@ What is timed, on the same tokenized pairs cut into the same shards:
   (chosen and rejected sequences sorted together, the least padding a padded batch can have): what a
   padded reference pass costs at the least;
 * **prep**: what ``dpo-zoo prep`` does per shard after tokenization: the reference pass
-  (:func:`dpo_zoo.prep.reference_pass`: batches of ``--batch-size`` pairs, each packed into one row
+  (:func:`dpo_zoo.cache.prep.reference_pass`: batches of ``--batch-size`` pairs, each packed into one row
   with each prompt computed once and no padding, then ``completion_logps``), building the Arrow table,
   writing the shard and its sidecar atomically (fsync'd), and finally the manifest with the full
   coverage check;
@@ -80,11 +80,11 @@ def main(argv=None) -> int:
     import torch
 
     import data_prep
-    from dpo_zoo.cache_format import Layout
-    from dpo_zoo.cache_writer import PreparedSetWriter, build_shard_table, plan_shards, shard_token_counts
+    from dpo_zoo.cache.format import Layout
+    from dpo_zoo.cache.writer import PreparedSetWriter, build_shard_table, plan_shards, shard_token_counts
     from dpo_zoo.config import load_config
-    from dpo_zoo.models import load_model, load_tokenizer, resolve_model_path
-    from dpo_zoo.prep import plan_batches, reference_pass
+    from dpo_zoo.model.loading import load_model, load_tokenizer, resolve_model_path
+    from dpo_zoo.cache.prep import plan_batches, reference_pass
 
     if args.threads:
         torch.set_num_threads(args.threads)

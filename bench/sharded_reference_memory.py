@@ -17,7 +17,7 @@ import sys
 
 
 from dpo_zoo.config import load_config
-from dpo_zoo.prep import run_prep
+from dpo_zoo.cache.prep import run_prep
 
 
 def main(overrides):

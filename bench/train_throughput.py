@@ -6,10 +6,10 @@
 Three trainers are run, each in a fresh subprocess of its own (so each peak RSS belongs to one trainer),
 one after the other in the same invocation, on the same model, pairs, batches, precision and threads:
 
-* **dpo_zoo**: :func:`dpo_zoo.trainer.train` with ``train.reference=cache``: reference log-probs read
+* **dpo_zoo**: :func:`dpo_zoo.train.trainer.train` with ``train.reference=cache``: reference log-probs read
   from the prepared set, no reference model in memory; each micro-batch packed into one row, each
   prompt once, no padding (``model.padding_free``, the default). The set is built first by
-  :func:`dpo_zoo.prep.run_prep` in its own subprocess; that time is reported on its own (``prep``),
+  :func:`dpo_zoo.cache.prep.run_prep` in its own subprocess; that time is reported on its own (``prep``),
   never inside the training figure.
 * **dpo_zoo_live** (optional): the same with ``train.reference=live`` (a second copy of the model run
   without gradients every step, packed the same way).

@@ -159,9 +159,9 @@ def dpo_zoo_overrides(spec: Dict[str, Any]) -> List[str]:
 
 def worker_prep(spec: Dict[str, Any]) -> Dict[str, Any]:
     set_threads(spec)
-    from dpo_zoo.cache import PreparedSet
+    from dpo_zoo.cache.reader import PreparedSet
     from dpo_zoo.config import load_config
-    from dpo_zoo.prep import run_prep
+    from dpo_zoo.cache.prep import run_prep
 
     cfg = load_config([], dpo_zoo_overrides(spec))
     wall, cpu = time.perf_counter(), time.process_time()
@@ -177,8 +177,8 @@ def worker_prep(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def worker_dpo_zoo(spec: Dict[str, Any], padding_free: bool = True, reference: str = "cache") -> Dict[str, Any]:
     set_threads(spec)
-    import dpo_zoo.logps as L
-    import dpo_zoo.trainer as T
+    import dpo_zoo.model.logps as L
+    import dpo_zoo.train.trainer as T
     from dpo_zoo.config import load_config
 
     imports_mb = memory_mb()["VmRSS"]
@@ -237,9 +237,9 @@ def worker_dpo_zoo(spec: Dict[str, Any], padding_free: bool = True, reference: s
 
 def trl_dataset(spec: Dict[str, Any]):
     """dpo_zoo's prepared pairs as TRL's tokenized columns, in dpo_zoo's visiting order."""
-    import dpo_zoo.trainer as T
+    import dpo_zoo.train.trainer as T
     from datasets import Dataset
-    from dpo_zoo.cache import PreparedSet
+    from dpo_zoo.cache.reader import PreparedSet
     from dpo_zoo.config import load_config
 
     cfg = load_config([], dpo_zoo_overrides(spec))
@@ -270,7 +270,7 @@ def worker_trl(spec: Dict[str, Any], precompute: bool) -> Dict[str, Any]:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_zoo.models import load_tokenizer, resolve_model_path
+    from dpo_zoo.model.loading import load_tokenizer, resolve_model_path
     from dpo_zoo.config import load_config
 
     imports_mb = memory_mb()["VmRSS"]

@@ -3,7 +3,7 @@ Rafailov et al. 2023, §6.1): prompts → K completions each, sampled from the r
 the reward → pairs.
 
 This module holds the parts that need no model: the prompt set, the options, and pair formation. The
-sampling and scoring are done by the caller (``dpo_zoo.reward_pairs``, which ``dpo-zoo prep`` passes in
+sampling and scoring are done by the caller (``dpo_zoo.rewards.sampling``, which ``dpo-zoo prep`` passes in
 as ``generate``), so ``data_prep`` stays free of the model code.
 
 **Prompts** (``prompts``): ``vader_movie`` (default), the movie-review prefixes of the DPO paper's task:

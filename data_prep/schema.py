@@ -13,7 +13,7 @@
    when known, one value per completion token (aligned with ``input_ids[completion_start:]``) and the
    reference's top-k distribution. They come from the reference model (``dpo-zoo prep``) or from a
    file the user brings (:mod:`data_prep.reference_logps`), and are stored in a prepared set, whose
-   format (columns, manifest) is :mod:`dpo_zoo.cache_format`.
+   format (columns, manifest) is :mod:`dpo_zoo.cache.format`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import ConfigError, load_config
+from dpo_zoo.config import ConfigError, load_config
 
 
 def _split_overrides(items: List[str]):
@@ -29,7 +29,7 @@ def _split_overrides(items: List[str]):
 
 def loss_table_rows():
     """One row per registered name: name, family class, paper (arXiv), needs, hyperparameter defaults."""
-    from .losses import describe_needs, registered_losses
+    from dpo_zoo.losses import describe_needs, registered_losses
 
     rows = []
     for name, entry in sorted(registered_losses().items()):
@@ -78,7 +78,7 @@ def cmd_losses(args) -> int:
 
 
 def cmd_prep(args) -> int:
-    from .prep import run_prep, verify_prepared
+    from dpo_zoo.cache.prep import run_prep, verify_prepared
 
     files, overrides = _split_overrides(args.config)
     cfg = load_config(files, overrides)
@@ -89,7 +89,7 @@ def cmd_prep(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .trainer import train
+    from dpo_zoo.train.trainer import train
 
     files, overrides = _split_overrides(args.config)
     cfg = load_config(files, overrides)
@@ -98,7 +98,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from dpo_zoo.compare.runner import run_compare
 
     files, overrides = _split_overrides(args.overrides or [])
     cfg = load_config(files, overrides)
@@ -113,7 +113,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import run_study
+    from dpo_zoo.study.runner import run_study
 
     files, overrides = _split_overrides(args.config)
     if len(files) != 1:
@@ -181,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except Exception as err:
         # Errors we raise on purpose carry their own clear message (file, row, field); show it plainly.
-        from .errors import USER_ERRORS
+        from dpo_zoo.errors import USER_ERRORS
 
         if isinstance(err, USER_ERRORS):
             print(f"dpo-zoo {args.command}: {err}", file=sys.stderr)

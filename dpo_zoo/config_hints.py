@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 # Where every key is listed with its default and a comment.
-CONFIG_DOC = "dpo_zoo/config.py"
+CONFIG_DOC = "dpo_zoo/config_schema.py"
 
 # Names users bring from TRL / transformers' TrainingArguments, and where dpo_zoo keeps them.
 KEY_ALIASES = {

@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_prepared(tmp_path_factory, tiny_model_dir):
     """A prepared tiny HH slice (train + held-out, top-8 reference distribution) and its overrides."""
     from dpo_zoo.config import load_config
-    from dpo_zoo.prep import run_prep
+    from dpo_zoo.cache.prep import run_prep
 
     root = tmp_path_factory.mktemp("tiny-prepared")
     data_file = write_hh_slice(root / "hh.jsonl")

@@ -15,10 +15,10 @@ import pytest
 
 from data_prep.reference_logps import read_reference_file, references_from_file
 from data_prep.schema import PairReference, PreferencePair, SideReference, TokenizedPair
-from dpo_zoo import cache_format as S
-from dpo_zoo.cache import PreparedSet, check_contents, lookup, read_manifest, verify_prepared_set
-from dpo_zoo.cache_format import MANIFEST, Layout, digest, shard_file, sidecar_file
-from dpo_zoo.cache_writer import PreparedSetWriter, build_shard_table, pairs_fingerprint, plan_shards, shard_token_counts
+from dpo_zoo.cache import format as S
+from dpo_zoo.cache.reader import PreparedSet, check_contents, lookup, read_manifest, verify_prepared_set
+from dpo_zoo.cache.format import MANIFEST, Layout, digest, shard_file, sidecar_file
+from dpo_zoo.cache.writer import PreparedSetWriter, build_shard_table, pairs_fingerprint, plan_shards, shard_token_counts
 from dpo_zoo.errors import CacheError, DataError
 from dpo_zoo.losses.base import Need
 from dpo_zoo.staleness import describe

@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_zoo.checkpoints import MANIFEST, build_manifest, verify
+from dpo_zoo.train.checkpoints import MANIFEST, build_manifest, verify
 from dpo_zoo.cli import main as cli_main
 from dpo_zoo.config import load_config
-from dpo_zoo.safe_load import safe_torch_load
-from dpo_zoo.trainer import train
+from dpo_zoo.model.safe_load import safe_torch_load
+from dpo_zoo.train.trainer import train
 
 # SamPO draws random token subsets: the resumed run must also restore where the draws stand.
 COMMON = ["loss=sampo", "train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=2",
@@ -204,7 +204,7 @@ def test_two_processes_skip_a_damaged_rank_file_together(tiny_prepared, tmp_path
     """ZeRO-2 over 2 ranks under the `deepspeed` launcher: each rank writes its own optimizer file, the
     manifest covers both, and when rank 1's file of the newest checkpoint is truncated both ranks
     resume from the one before and end bit-identical to the uninterrupted run."""
-    from dpo_zoo.distributed import _free_port
+    from dpo_zoo.parallel.process_group import _free_port
 
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     env = dict(os.environ)

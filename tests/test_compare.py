@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from dpo_zoo.cli import main as cli_main
-from dpo_zoo.compare import run_compare
+from dpo_zoo.compare.runner import run_compare
 from dpo_zoo.config import load_config
-from dpo_zoo.drift import kl_samples, sequence_kl_terms
+from dpo_zoo.compare.drift import kl_samples, sequence_kl_terms
 from dpo_zoo.errors import CacheError, CompareError
-from dpo_zoo.logps import completion_logps
+from dpo_zoo.model.logps import completion_logps
 from dpo_zoo.losses import LossConfigError, registered_losses
 from dpo_zoo.metrics import functions as M
 
@@ -188,8 +188,8 @@ def synthetic_overrides(model_dir, root, train_file, prep_dir, *extra):
 def synthetic(tmp_path_factory, tiny_model_dir):
     """96 training pairs, 24 held-out pairs, prepared without top-k; a run trained on them (full
     fine-tuning) and a run trained on the same pairs with chosen and rejected swapped (LoRA)."""
-    from dpo_zoo.prep import run_prep
-    from dpo_zoo.trainer import train
+    from dpo_zoo.cache.prep import run_prep
+    from dpo_zoo.train.trainer import train
 
     root = tmp_path_factory.mktemp("synthetic")
     train_rows = synthetic_rows(96, seed=1)
@@ -269,7 +269,7 @@ def test_live_reference_when_the_cache_lacks_what_the_loss_needs(synthetic, tmp_
     """ra_dpo needs the reference's vocabulary distribution; the synthetic set has no top-k, so
     compare runs the reference live from the run's base model, says so, and can then score even
     ra_dpo_official (which needs the whole reference vocabulary, not a top-k)."""
-    from dpo_zoo.trainer import train
+    from dpo_zoo.train.trainer import train
 
     run_dir = tmp_path / "ra"
     train(load_config([], synthetic["overrides"] + [f"train.output_dir={run_dir}", "loss=ra_dpo",
@@ -432,7 +432,7 @@ def test_truncated_or_pickled_final_weights_are_clear_errors(tiny_prepared, tiny
     and an adapter saved as a pickle, which it never unpickles; the CLI prints it plainly and exits 2."""
     from peft import LoraConfig, get_peft_model
 
-    from dpo_zoo.models import load_model, peft_wrapping
+    from dpo_zoo.model.loading import load_model, peft_wrapping
 
     heldout = Path(override_value(tiny_prepared, "prep.output_dir")) / "heldout"
 
@@ -481,8 +481,8 @@ def test_truncated_or_pickled_final_weights_are_clear_errors(tiny_prepared, tiny
 @pytest.mark.slow
 def test_compare_lora_runs_of_smollm2_on_vader(tmp_path):
     """SmolLM2-135M on a small VADER slice: two short LoRA runs (dpo, sampo), compared with sampling."""
-    from dpo_zoo.prep import run_prep
-    from dpo_zoo.trainer import train
+    from dpo_zoo.cache.prep import run_prep
+    from dpo_zoo.train.trainer import train
 
     overrides = [
         "model.name_or_path=smollm2-135m-instruct", "data.preprocessor=vader", "data.max_train_pairs=32",

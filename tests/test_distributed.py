@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dpo_zoo.config import load_config
-from dpo_zoo.distributed import _free_port
-from dpo_zoo.trainer import train
+from dpo_zoo.parallel.process_group import _free_port
+from dpo_zoo.train.trainer import train
 
 
 def step_losses(out_dir):

@@ -61,7 +61,7 @@ def test_results_md_regenerates_from_its_summaries_to_the_same_bytes(tmp_path):
     import re
     import shutil
 
-    from dpo_zoo.study_results import write_results
+    from dpo_zoo.study.results import write_results
 
     docs = REPO_ROOT / "docs"
     text = (docs / "results.md").read_text(encoding="utf-8")

@@ -27,7 +27,7 @@ from tiny import tiny_overrides, write_hh_slice
 
 from dpo_zoo.config import load_config
 from dpo_zoo.errors import DataError, ModelError
-from dpo_zoo.models import HUB_MODEL_FILES, resolve_model, weights_fingerprint
+from dpo_zoo.model.loading import HUB_MODEL_FILES, resolve_model, weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "org/tiny"
@@ -107,7 +107,7 @@ def test_other_ranks_take_the_commit_rank_0_resolved(hub, tiny_repo_files):
 
 
 def test_second_run_from_the_cache_offline_after_the_server_stopped(hub, tiny_repo_files, monkeypatch):
-    from dpo_zoo.models import load_model, load_tokenizer
+    from dpo_zoo.model.loading import load_model, load_tokenizer
 
     hub.push(TINY, tiny_repo_files)
     online = resolve_model(model_cfg())
@@ -184,7 +184,7 @@ def prep_overrides(tmp_path, **extra):
 
 
 def run_prep_quiet(overrides, capsys):
-    from dpo_zoo.prep import run_prep
+    from dpo_zoo.cache.prep import run_prep
 
     capsys.readouterr()
     run_prep(load_config([], overrides))
@@ -221,7 +221,7 @@ def test_train_refuses_a_cache_of_the_old_main_and_names_both_commits(hub, tiny_
     from tiny import make_tiny_model_dir
 
     from dpo_zoo.errors import TrainingError
-    from dpo_zoo.trainer import train
+    from dpo_zoo.train.trainer import train
 
     first = hub.push(TINY, tiny_repo_files)
     overrides = prep_overrides(tmp_path)
@@ -238,7 +238,7 @@ def test_train_refuses_a_cache_of_the_old_main_and_names_both_commits(hub, tiny_
 def test_compare_takes_a_hub_name_and_finds_it_offline(hub, tiny_repo_files, tmp_path, capsys, monkeypatch):
     """`dpo-zoo compare org/name`: the Hub model against the cache made from it, with the server gone.
     The policy is the reference, so every margin is 0 and the accuracy is exactly 1/2 (ties score 1/2)."""
-    from dpo_zoo.compare import run_compare
+    from dpo_zoo.compare.runner import run_compare
 
     hub.push(TINY, tiny_repo_files)
     overrides = prep_overrides(tmp_path)
@@ -256,8 +256,8 @@ def test_lora_on_a_hub_base_records_it_and_compare_finds_it_offline(hub, tiny_re
     """Train LoRA on a Hub base, then compare with the server gone: from run.json, from a run.json whose
     snapshot folder is not on this machine (fetched again by commit, here from the cache), and from the
     adapter folder alone (adapter_config.json names the repo and the commit)."""
-    from dpo_zoo.compare import run_compare
-    from dpo_zoo.trainer import train
+    from dpo_zoo.compare.runner import run_compare
+    from dpo_zoo.train.trainer import train
 
     commit = hub.push(TINY, tiny_repo_files)
     overrides = prep_overrides(tmp_path)

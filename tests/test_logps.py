@@ -10,7 +10,7 @@ of a few nats; tests/README.md).
 import pytest
 import torch
 
-from dpo_zoo.logps import _forward_accepts_logits_to_keep, padded_completion_logps as completion_logps
+from dpo_zoo.model.logps import _forward_accepts_logits_to_keep, padded_completion_logps as completion_logps
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpo_zoo import trainer as trainer_module
+from dpo_zoo.train import trainer as trainer_module
 from dpo_zoo.config import ConfigError, load_config
 from dpo_zoo.errors import TrainingError
-from dpo_zoo.logps import completion_logps
+from dpo_zoo.model.logps import completion_logps
 from dpo_zoo.losses import LossConfigError, Need, build_loss, compute_loss
 from dpo_zoo.losses.options import soft_update
-from dpo_zoo.trainer import train
+from dpo_zoo.train.trainer import train
 
 # One pair: chosen tokens [−1, −1], rejected [−2, −3]; reference sums −3 and −4 → ℓ_w = 1, ℓ_l = −1, h = 2.
 WPO_TENSORS = dict(
@@ -170,7 +170,7 @@ def test_a_resumed_sync_run_continues_from_the_saved_reference(tiny_prepared, tm
 
 
 def test_a_wpo_run_trains_logs_its_weights_and_compares_from_the_cache(tiny_prepared, tmp_path):
-    from dpo_zoo.compare import run_compare
+    from dpo_zoo.compare.runner import run_compare
 
     out = tmp_path / "wpo"
     train(load_config([], [*tiny_prepared, "loss=dpo", "loss.use_weighting=true", f"train.output_dir={out}"]))

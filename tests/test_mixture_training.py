@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from dpo_zoo.compare import run_compare
+from dpo_zoo.compare.runner import run_compare
 from dpo_zoo.config import load_config
 from dpo_zoo.losses import get_loss_entry
-from dpo_zoo.trainer import train
+from dpo_zoo.train.trainer import train
 
 MIXTURE = ["loss=dpo+hinge", "loss.weights=[1.0, 0.25]", "loss.beta=0.5"]
 

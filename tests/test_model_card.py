@@ -8,8 +8,8 @@ import pytest
 from huggingface_hub import ModelCard
 
 from dpo_zoo.config import as_dict, load_config
-from dpo_zoo.model_card import model_card
-from dpo_zoo.trainer import train
+from dpo_zoo.train.model_card import model_card
+from dpo_zoo.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_lora_run_on_a_hub_model_and_hub_data_set_names_both_in_the_card(tiny_mo
     from hub_server import LoopbackHub, use_hub
     from tiny import tiny_overrides, write_hh_slice
 
-    from dpo_zoo.prep import run_prep
+    from dpo_zoo.cache.prep import run_prep
 
     rows = [json.loads(line) for line in write_hh_slice(tmp_path / "hh.jsonl", 30).read_text().splitlines()]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_zoo import models
-from dpo_zoo.models import (
+from dpo_zoo.model import loading as models
+from dpo_zoo.model.loading import (
     BuiltinModel,
     ModelError,
     cache_root,

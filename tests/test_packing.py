@@ -1,4 +1,4 @@
-"""Shared-prompt, padding-free batches (dpo_zoo/packing.py) give the padded path's numbers.
+"""Shared-prompt, padding-free batches (dpo_zoo/model/packing.py) give the padded path's numbers.
 
 The packed path computes the same quantities as the padded ``[2B, L]`` block in another order (other
 matrix shapes, attention over segments), so fp32 values agree to float rounding, not bit for bit; the
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_zoo import packing
-from dpo_zoo.batching import collate, pair_batch
+from dpo_zoo.model import packing
+from dpo_zoo.train.batching import collate, pair_batch
 from dpo_zoo.config import load_config
-from dpo_zoo.logps import completion_logps, packed_completion_logps, padded_completion_logps
+from dpo_zoo.model.logps import completion_logps, packed_completion_logps, padded_completion_logps
 from dpo_zoo.losses import build_loss, registered_losses
 
 TOLERANCE = 1e-5
@@ -241,7 +241,7 @@ def test_an_unsupported_architecture_runs_padded_and_says_so_once(recwarn):
 def prepared_rows(tiny_prepared, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from dpo_zoo.trainer import open_prepared
+    from dpo_zoo.train.trainer import open_prepared
 
     cfg = load_config([], tiny_prepared)
     train_set, _ = open_prepared(cfg)
@@ -300,7 +300,7 @@ def _step_losses(out_dir: Path):
 @pytest.mark.parametrize("name", sorted(registered_losses()))
 def test_every_registered_loss_trains_to_the_same_step_losses(name, tiny_prepared, tmp_path):
     """Five optimizer steps through the trainer (DeepSpeed, AdamW), packed against padded."""
-    from dpo_zoo.trainer import train
+    from dpo_zoo.train.trainer import train
 
     losses = []
     for padding_free in ("false", "true"):
@@ -315,8 +315,8 @@ def test_every_registered_loss_trains_to_the_same_step_losses(name, tiny_prepare
 @pytest.mark.float_sensitive
 def test_prep_writes_the_padded_paths_cache(tiny_model_dir, tmp_path):
     """Reference per-token log-probs, their sums and the top-k distribution, packed against padded."""
-    from dpo_zoo.cache import PreparedSet
-    from dpo_zoo.prep import run_prep
+    from dpo_zoo.cache.reader import PreparedSet
+    from dpo_zoo.cache.prep import run_prep
     from tests.tiny import tiny_overrides, write_hh_slice
 
     data = write_hh_slice(tmp_path / "hh.jsonl")
@@ -343,7 +343,7 @@ def test_padding_free_is_not_part_of_a_runs_identity(tiny_prepared):
     """Switching the padded path on or off changes how the values are computed, not what a run
     trains: a finished run is reused and a checkpoint resumed either way."""
     from dpo_zoo.config import as_dict
-    from dpo_zoo.run_folder import identity_changes, training_identity
+    from dpo_zoo.train.run_folder import identity_changes, training_identity
 
     identities = [training_identity(as_dict(load_config([], [*tiny_prepared, f"model.padding_free={v}"])), {"data": "x"})
                   for v in ("true", "false")]

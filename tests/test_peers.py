@@ -1,8 +1,8 @@
-"""What a surviving process says when a peer is lost (dpo_zoo.peers), without starting any process."""
+"""What a surviving process says when a peer is lost (dpo_zoo.parallel.peers), without starting any process."""
 
 from pathlib import Path
 
-from dpo_zoo import peers
+from dpo_zoo.parallel import peers
 
 
 def test_lost_rank_is_read_from_the_peer_address_in_the_backend_message(monkeypatch):

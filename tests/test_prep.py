@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-import dpo_zoo.prep as prep_module
-from dpo_zoo import cache_format as S
-from dpo_zoo.cache import PreparedSet, lookup, read_manifest
-from dpo_zoo.cache_format import MANIFEST, shard_file, sidecar_file
+import dpo_zoo.cache.prep as prep_module
+from dpo_zoo.cache import format as S
+from dpo_zoo.cache.reader import PreparedSet, lookup, read_manifest
+from dpo_zoo.cache.format import MANIFEST, shard_file, sidecar_file
 from dpo_zoo.cli import main as cli_main
 from dpo_zoo.config import REPO_ROOT, load_config
 from dpo_zoo.errors import DataError
 from dpo_zoo.losses.base import Need
-from dpo_zoo.models import load_model
-from dpo_zoo.prep import Processes, _load_context, plan_batches, run_prep
+from dpo_zoo.model.loading import load_model
+from dpo_zoo.cache.prep import Processes, _load_context, plan_batches, run_prep
 
 N_PAIRS = 16
 SHARD_SIZE = 4
@@ -72,7 +72,7 @@ def make_cfg(*overrides, output="out"):
 
 
 class CountingForward:
-    """Stands in for completion_logps in dpo_zoo.prep: counts calls, optionally fails on call N."""
+    """Stands in for completion_logps in dpo_zoo.cache.prep: counts calls, optionally fails on call N."""
 
     def __init__(self, monkeypatch, fail_on: int = 0):
         self.calls = 0
@@ -353,7 +353,7 @@ KILLED_PREP = textwrap.dedent("""
     import sys, time
     import torch
     torch.set_num_threads(int(sys.argv[2]))
-    import dpo_zoo.prep as prep
+    import dpo_zoo.cache.prep as prep
     real = prep.completion_logps
     def slow(*args, **kwargs):  # slow enough that the parent can kill it between shards
         out = real(*args, **kwargs)

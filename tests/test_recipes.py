@@ -8,7 +8,7 @@ import pytest
 
 from data_prep.hub import hub_settings
 from dpo_zoo.config import as_dict, load_config
-from dpo_zoo.models import is_hub_repo_id
+from dpo_zoo.model.loading import is_hub_repo_id
 
 REPO = Path(__file__).resolve().parents[1]
 ZEPHYR = REPO / "configs" / "experiments" / "zephyr_ultrafeedback.yaml"

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_zoo import cache as cache_module
-from dpo_zoo import models as models_module
-from dpo_zoo.batching import REFERENCE_COLUMNS
+from dpo_zoo.cache import reader as cache_module
+from dpo_zoo.model import loading as models_module
+from dpo_zoo.train.batching import REFERENCE_COLUMNS
 from dpo_zoo.config import load_config
 from dpo_zoo.errors import CacheError, TrainingError
-from dpo_zoo.prep import run_prep
-from dpo_zoo.trainer import train
+from dpo_zoo.cache.prep import run_prep
+from dpo_zoo.train.trainer import train
 
 from tiny import tiny_overrides, write_hh_slice
 
@@ -96,7 +96,7 @@ def prepared_without_reference(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("no-reference")
     data = write_hh_slice(root / "hh.jsonl", 16)
     overrides = tiny_overrides(tiny_model_dir, data, root / "prepared", **{"prep.topk": 0, "prep.reference": "false"})
-    from dpo_zoo import prep as prep_module
+    from dpo_zoo.cache import prep as prep_module
 
     real_load = prep_module.load_model
     loads = []

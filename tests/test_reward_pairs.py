@@ -78,8 +78,8 @@ def test_prep_samples_scores_pairs_caches_and_resumes(tmp_path, tiny_model_dir, 
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     import data_prep
-    from dpo_zoo.cache import PreparedSet
-    from dpo_zoo.prep import run_prep
+    from dpo_zoo.cache.reader import PreparedSet
+    from dpo_zoo.cache.prep import run_prep
 
     overrides = reward_pairs_overrides(tiny_model_dir, tmp_path)
     cfg = load_config([], overrides)
@@ -115,8 +115,8 @@ def test_prep_samples_scores_pairs_caches_and_resumes(tmp_path, tiny_model_dir, 
 
 def _reader_only(model_dir, root):
     """The sampler prep uses, reading the shards it wrote (it must not need to sample again)."""
-    from dpo_zoo.models import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
-    from dpo_zoo.reward_pairs import ShardedSampler
+    from dpo_zoo.model.loading import load_tokenizer, tokenizer_fingerprint, weights_fingerprint
+    from dpo_zoo.rewards.sampling import ShardedSampler
 
     class NoSampling(ShardedSampler):
         def sample(self, prompts, options):

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from dpo_zoo.rewards import RewardError, load_reward
+from dpo_zoo.rewards.scorers import RewardError, load_reward
 
 
 def test_vader_scores_the_completion_only_in_batches():

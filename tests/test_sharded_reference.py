@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dpo_zoo.config import load_config
-from dpo_zoo.prep import run_prep
-from dpo_zoo.distributed import _free_port
+from dpo_zoo.cache.prep import run_prep
+from dpo_zoo.parallel.process_group import _free_port
 from tiny import tiny_overrides, write_hh_slice
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,8 @@
 """The package's shape: its import graph (drawn from the source, every import statement counted,
-also those inside functions) has no cycle, and data_prep sits below dpo_zoo: it never imports
-dpo_zoo, torch or any model library, so `import data_prep` stays light."""
+also those inside functions) has no cycle; every dpo_zoo module belongs to one layer of
+``dpo_zoo.LAYERS`` and imports nothing from a layer above its own; no module is over 600 lines; and
+data_prep sits below dpo_zoo: it never imports dpo_zoo, torch or any model library, so
+`import data_prep` stays light."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Dict, List, Set
 
 import pytest
 
+from dpo_zoo import LAYERS
 from dpo_zoo.config import REPO_ROOT
 
 PACKAGES = ("dpo_zoo", "data_prep")
@@ -103,8 +106,9 @@ def test_find_cycle_finds_one():
 
 def test_import_graph_has_no_cycle():
     graph = import_graph()
-    assert "dpo_zoo.cache" in graph["dpo_zoo.cache_writer"]  # the graph sees relative imports
-    assert "dpo_zoo.losses" in graph["dpo_zoo.trainer"]
+    assert "dpo_zoo.losses.base" in graph["dpo_zoo.losses.dpo"]  # the graph sees relative imports
+    assert "dpo_zoo.cache.reader" in graph["dpo_zoo.cache.writer"]
+    assert "dpo_zoo.losses" in graph["dpo_zoo.train.trainer"]
     cycle = find_cycle(graph)
     assert not cycle, "import cycle: " + " → ".join(cycle)
 
@@ -128,3 +132,54 @@ def test_import_data_prep_loads_no_torch():
             f"{set(NOT_IN_DATA_PREP)!r}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+MAX_MODULE_LINES = 600
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of a dpo_zoo module (``dpo_zoo.train.trainer`` -> the train layer), or -1
+    for the package's own ``__init__``, which everything may import (it holds only the version and LAYERS)."""
+    if module == "dpo_zoo":
+        return -1
+    part = module.split(".")[1]
+    for index, (_, parts) in enumerate(LAYERS):
+        if part in parts:
+            return index
+    raise KeyError(module)
+
+
+def test_every_module_has_a_layer():
+    unplaced = []
+    for name in module_files():
+        if name.startswith("dpo_zoo"):
+            try:
+                layer_of(name)
+            except KeyError:
+                unplaced.append(name)
+    assert not unplaced, f"not in dpo_zoo.LAYERS: {unplaced} (add the module or its subpackage there)"
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = []
+    for name, targets in import_graph().items():
+        if not name.startswith("dpo_zoo."):
+            continue
+        for target in targets:
+            if target.startswith("dpo_zoo") and layer_of(target) > layer_of(name):
+                upward.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})")
+    assert not upward, "imports against the layers of dpo_zoo/__init__.py: " + "; ".join(sorted(upward))
+
+
+def test_the_layer_checker_sees_an_upward_import():
+    """The checker itself: the cache layer sits below train, the base layer below everything."""
+    assert layer_of("dpo_zoo.cache.prep") < layer_of("dpo_zoo.train.trainer")
+    assert layer_of("dpo_zoo.errors") == 0
+    with pytest.raises(KeyError):
+        layer_of("dpo_zoo.nowhere")
+
+
+def test_no_module_is_over_600_lines():
+    long = [f"{path.relative_to(REPO_ROOT)}: {n}" for path in module_files().values()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not long, f"over {MAX_MODULE_LINES} lines (split by what the parts do): {long}"

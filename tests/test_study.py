@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from dpo_zoo.config import ConfigError
-from dpo_zoo.study import ci95, distinct_n, load_study, run_study
-from dpo_zoo.study_results import render_results, write_results
+from dpo_zoo.study.runner import ci95, distinct_n, load_study, run_study
+from dpo_zoo.study.results import render_results, write_results
 
 PROMPTS = ["The movie was", "I thought the film", "This is", "Honestly the plot", "The acting", "What a",
            "The ending was", "Overall I", "The director", "My friends said", "The soundtrack", "It felt"]
@@ -68,7 +68,7 @@ def study_file(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_reduced_study_end_to_end_and_resumed_after_a_kill(study_file, tmp_path, monkeypatch, capsys):
-    import dpo_zoo.study as study_module
+    import dpo_zoo.study.runner as study_module
 
     real_run_one, calls = study_module.run_one, []
 
@@ -209,7 +209,7 @@ def _run(label, strength, seed, **metrics):
 
 
 def test_claim_verdicts_by_hand():
-    from dpo_zoo.study_results import NOT_REPRODUCED, REPRODUCED, evaluate_claim
+    from dpo_zoo.study.results import NOT_REPRODUCED, REPRODUCED, evaluate_claim
 
     # Two curves per seed; b lies 0.1 above a in reward along the KL range both cover ([1, 2]).
     runs = []

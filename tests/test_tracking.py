@@ -11,8 +11,8 @@ import pytest
 
 from dpo_zoo.config import ConfigError, load_config
 from dpo_zoo.errors import TrainingError
-from dpo_zoo.tracking import report_to_names
-from dpo_zoo.trainer import train
+from dpo_zoo.train.tracking import report_to_names
+from dpo_zoo.train.trainer import train
 
 
 def train_reporting_to(tiny_prepared, out_dir, report_to):
@@ -207,3 +207,12 @@ def test_trackio_local_project_holds_the_logged_metrics(tiny_prepared, tmp_path,
             {k: v for k, v in row.items() if k in logged.get(row["step"], {})})
     assert_same_metrics(logged, tracked)
     assert storage.SQLiteStorage.get_run_config("dpo_zoo_tests", "tracked")["train"]["learning_rate"] == 1e-3
+
+
+def test_config_accepts_exactly_the_trackers_that_have_an_adapter():
+    """dpo_zoo.config validates train.report_to without importing the train layer, from its own list of
+    names; that list and the adapter table must name the same trackers."""
+    from dpo_zoo.config import TRACKER_NAMES
+    from dpo_zoo.train.tracking import KINDS
+
+    assert tuple(KINDS) == TRACKER_NAMES

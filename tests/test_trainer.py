@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from dpo_zoo.config import load_config
 from dpo_zoo.errors import TrainingError
 from dpo_zoo.losses import registered_losses
-from dpo_zoo.trainer import train
+from dpo_zoo.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,7 @@ def test_finished_run_is_reused_not_retrained(tiny_prepared, tmp_path, monkeypat
     stamp = (final / "model.safetensors").stat().st_mtime_ns
 
     # Reuse is decided before any process group or DeepSpeed engine starts (a second `make demo` is fast).
-    import dpo_zoo.trainer as trainer_module
+    import dpo_zoo.train.trainer as trainer_module
 
     def no_start(*args, **kwargs):
         raise AssertionError("a reused run started a process group")
@@ -202,7 +202,7 @@ def test_finished_run_with_other_settings_is_refused_not_silently_replaced(tiny_
 def test_epochs_set_the_schedule_horizon(tiny_prepared, tmp_path):
     """train.epochs=1 over T steps with a linear schedule (no warm-up): the rate of step k is
     peak·(T − k)/T, so it reaches 0 at the end of the last step, whatever train.max_steps says."""
-    from dpo_zoo.cache import PreparedSet
+    from dpo_zoo.cache.reader import PreparedSet
 
     prepared = Path([o.split("=", 1)[1] for o in tiny_prepared if o.startswith("prep.output_dir=")][0])
     n_pairs = len(PreparedSet.open(prepared / "train", verify=False))
@@ -281,7 +281,7 @@ def test_non_finite_loss_is_caught_with_step_and_batch(tiny_prepared, tmp_path, 
 
 def test_preflight_refuses_a_loss_the_cache_cannot_serve(tiny_model_dir, tmp_path):
     from tiny import tiny_overrides, write_hh_slice
-    from dpo_zoo.prep import run_prep
+    from dpo_zoo.cache.prep import run_prep
 
     data = write_hh_slice(tmp_path / "hh.jsonl", 12)
     overrides = tiny_overrides(tiny_model_dir, data, tmp_path / "prepared", **{"prep.topk": 0})

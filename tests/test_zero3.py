@@ -4,7 +4,7 @@ partitions), equal to the one a ZeRO-0 run of the same steps saves, up to float3
 import pytest
 
 from dpo_zoo.config import load_config
-from dpo_zoo.trainer import train
+from dpo_zoo.train.trainer import train
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_zero3_lora_adapter_loads_and_equals_zero0(tiny_prepared, tiny_model_dir
 def test_lockstep_batches_even_out_the_ranks():
     """5 rows, batches of 1, 2 ranks: rank 0 runs rows 0, 2, 4 and rank 1 rows 1, 3; under ZeRO-3 rank 1
     re-runs its first batch once, uncounted, so both run three forward passes."""
-    from dpo_zoo.sharded_reference import lockstep_batches
+    from dpo_zoo.model.sharded_reference import lockstep_batches
 
     assert lockstep_batches(5, 1, 0, 2, lockstep=True) == [(0, True), (2, True), (4, True)]
     assert lockstep_batches(5, 1, 1, 2, lockstep=True) == [(1, True), (3, True), (1, False)]
@@ -62,9 +62,9 @@ def test_two_process_zero3_partitions_the_live_reference(tiny_model_dir, tmp_pat
     import sys
     from pathlib import Path
 
-    from dpo_zoo.distributed import _free_port
-    from dpo_zoo.prep import run_prep
-    from dpo_zoo.sharded_reference import lockstep_batches
+    from dpo_zoo.parallel.process_group import _free_port
+    from dpo_zoo.cache.prep import run_prep
+    from dpo_zoo.model.sharded_reference import lockstep_batches
     from tiny import tiny_overrides, write_hh_slice
 
     data_file = write_hh_slice(tmp_path / "hh.jsonl", n_rows=55)
@@ -113,7 +113,7 @@ def test_two_process_zero3_lora_adapter_equals_one_process(tiny_prepared, tiny_m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dpo_zoo.distributed import _free_port
+    from dpo_zoo.parallel.process_group import _free_port
 
     common = list(tiny_prepared) + ["train.lora.enabled=true", "train.max_steps=2"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}

@@ -1,6 +1,6 @@
 """The metrics of ``dpo-zoo compare``, as plain functions of per-pair arrays (one implementation).
 
-``dpo_zoo.compare`` calls these on its per-pair table, and the ``evaluate`` modules beside this file
+``dpo_zoo.compare.runner`` calls these on its per-pair table, and the ``evaluate`` modules beside this file
 (``dpo_zoo/metrics/<name>/<name>.py``, loadable offline with ``evaluate.load(path)``) wrap the same
 functions, so a number in a compare report and the number ``evaluate`` gives are computed by the same
 code.

@@ -7,7 +7,7 @@ from dpo_zoo.metrics.functions import mean_and_stderr
 
 _DESCRIPTION = """
 Summarises per-sample estimates of KL(pi || pi_ref) between two language models, each computed on one
-completion y sampled from pi (dpo_zoo.compare.sequence_kl_terms computes them):
+completion y sampled from pi (dpo_zoo.compare.runner.sequence_kl_terms computes them):
 
 * Monte Carlo: sum_t log pi(y_t | y_<t) / pi_ref(y_t | y_<t);
 * Rao-Blackwellized: sum_t KL(pi(. | y_<t) || pi_ref(. | y_<t)), the exact next-token KL over the

@@ -1,0 +1,521 @@
+"""``dpo-zoo study``: which loss is better, on the reward–KL frontier (Rafailov et al. 2023, §6.1, Fig. 2).
+
+A study file is an experiment config (``model``, ``data``, ``prep``, ``train``: shared by every run)
+plus a ``study`` section::
+
+    study:
+      output_dir: studies/sentiment_frontier
+      seeds: [0, 1, 2]             # train.seed of each run; the same seeds (so the same data order and
+                                   # evaluation draws) for every loss: paired comparisons
+      reward: vader                # the ground truth (dpo_zoo.rewards.scorers spec)
+      eval: {prompts: 32, samples: 4, max_new_tokens: 24, batch_size: 16}
+      losses:                      # one curve each
+        - {label: dpo, loss: dpo, knob: beta, values: [0.05, 0.1, 0.5]}
+        - {label: h_dpo, loss: h_dpo, knob: alpha, values: [0.8, 0.9], hparams: {beta: 0.1}}
+      claims: [...]                # read by dpo_zoo.study.results (docs/results.md)
+
+``knob`` names the loss hyperparameter that sets its strength (β, or the loss's own: H-DPO's α, f-DPO's
+divergence); the study never asks which loss it runs. Every (curve, value, seed) is trained by the normal
+trainer from the one prepared set (``dpo-zoo prep`` is run first; a cache hit when it is done) into
+``<output_dir>/runs/<label>/<knob>=<value>/seed<seed>``. A finished run is reused by the trainer and its
+evaluation (``study_eval.json``, keyed by the run and the evaluation settings) by the study, so a killed
+study, run again, trains and evaluates only what is missing.
+
+**Evaluation of one run** on ``eval.prompts`` held-out prompts (spread through the held-out set),
+``eval.samples`` continuations each, sampled from the policy at temperature 1 (what KL(π‖π_ref) is an
+expectation over) with seed = the run's seed:
+
+* ``reward`` (± ``reward_se``): the mean ground-truth reward of the continuations;
+* ``kl_rb`` / ``kl_mc`` (± SE): the per-sequence KL(π‖π_ref), Rao–Blackwellized (the exact KL of each
+  next-token distribution, summed along the sample) and Monte Carlo (Σ log π/π_ref of the sampled
+  tokens), both from :func:`dpo_zoo.compare.drift.kl_samples` on the same samples; ``rb_below_mc`` records
+  whether the RB standard error is the smaller;
+* ``entropy_per_token`` (policy entropy per sampled position), ``mean_length`` (tokens),
+  ``distinct_1`` / ``distinct_2`` (unique word n-grams / all word n-grams over the run's continuations,
+  Li et al. 2016), ``reward_length_corr`` (Pearson r between reward and length of the continuations);
+* ``accuracy``: the held-out preference accuracy the trainer measured (``eval_rewards/accuracies``).
+
+The reference model itself is evaluated once per seed (label ``reference``): the common origin (KL 0).
+
+Outputs in ``output_dir``: ``runs.json`` / ``runs.csv`` (every run), ``summary.json`` (mean, SD and 95%
+CI over seeds of each metric per curve and value, and the study's settings and command),
+``summary.md``, ``results.md`` (the claims of ``study.claims``: :mod:`dpo_zoo.study.results`), ``frontier.png`` (reward against KL, one curve per loss, a point per value, ±1 SE bars
+over seeds) and ``report.html`` (both, self-contained).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dpo_zoo.config import ConfigError, load_config, read_yaml
+from dpo_zoo.errors import StudyError
+from dpo_zoo.study.results import REFERENCE_LABEL, check_claims, ci95, summary_table, write_results
+
+STUDY_DEFAULTS: Dict[str, Any] = {
+    "output_dir": "studies/default",
+    "seeds": [0, 1, 2],
+    "reward": "vader",
+    "eval": {"prompts": 32, "samples": 4, "max_new_tokens": 24, "batch_size": 16},
+    "losses": [],
+    "claims": [],
+    "progress": True,
+}
+METRICS = ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2", "mean_length",
+           "reward_length_corr", "accuracy")
+EVAL_FILE = "study_eval.json"
+TRAIN_TIME_FILE = "study_train.json"  # the time a run took to train, kept for the sittings that reuse it
+EVAL_FORMAT = "dpo_zoo.study_eval.v1"
+
+
+@dataclass
+class Curve:
+    label: str
+    loss: str
+    knob: str
+    values: List[Any]
+    hparams: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Study:
+    path: Path
+    settings: Dict[str, Any]  # the study section, defaults filled in
+    curves: List[Curve]
+    experiment: Dict[str, Any]  # the rest of the file
+    overrides: List[str]  # experiment overrides from the command line
+    command: str
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.settings["output_dir"]).expanduser()
+
+    def experiment_file(self) -> Path:
+        return self.output_dir / "experiment.yaml"
+
+    def config(self, *extra: str):
+        """The experiment config with the study's overrides and ``extra`` (a run's loss, seed, folder)."""
+        return load_config([self.experiment_file()], [*self.overrides, *extra])
+
+    def run_dir(self, curve: Curve, value: Any, seed: int) -> Path:
+        return self.output_dir / "runs" / _safe(curve.label) / _safe(f"{curve.knob}={value}") / f"seed{seed}"
+
+    def grid(self) -> List[Tuple[Curve, Any, int]]:
+        return [(c, v, s) for c in self.curves for v in c.values for s in self.settings["seeds"]]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", str(text))
+
+
+# ==================================================================== loading
+
+
+def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
+    """Read a study file (module doc); ``study.*`` overrides change the study section, the others the
+    experiment. Every problem is reported at once (:class:`ConfigError`)."""
+    from omegaconf import OmegaConf
+
+    raw = read_yaml(Path(path))
+    section = raw.pop("study", None)
+    errors: List[str] = []
+    if not isinstance(section, dict):
+        raise ConfigError([f"{path}: no `study` section (see dpo_zoo/study/runner.py for its keys)"])
+    study_overrides = [o for o in overrides if o.startswith("study.")]
+    if study_overrides:
+        merged = OmegaConf.merge(OmegaConf.create(section), OmegaConf.from_dotlist([o[len("study."):] for o in study_overrides]))
+        section = OmegaConf.to_container(merged, resolve=True)
+    unknown = sorted(set(section) - set(STUDY_DEFAULTS))
+    errors += [f"{path}: `study.{k}`: unknown key (known: {', '.join(STUDY_DEFAULTS)})" for k in unknown]
+    settings = {**STUDY_DEFAULTS, **{k: v for k, v in section.items() if k in STUDY_DEFAULTS}}
+    settings["eval"] = {**STUDY_DEFAULTS["eval"], **(settings.get("eval") or {})}
+    for key in sorted(set(settings["eval"]) - set(STUDY_DEFAULTS["eval"])):
+        errors.append(f"{path}: `study.eval.{key}`: unknown key (known: {', '.join(STUDY_DEFAULTS['eval'])})")
+    for key in STUDY_DEFAULTS["eval"]:
+        value = settings["eval"].get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errors.append(f"{path}: `study.eval.{key}`: expected an integer >= 1, got {value!r}")
+    seeds = settings["seeds"]
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        errors.append(f"{path}: `study.seeds`: expected a list of distinct integers, got {seeds!r}")
+    if not isinstance(settings["reward"], str) or not settings["reward"]:
+        errors.append(f"{path}: `study.reward`: expected a reward spec (vader, a model folder, module:function)")
+    curves = _curves(path, settings["losses"], errors)
+    errors += [f"{path}: {e}" for e in check_claims(settings["claims"], [c.label for c in curves], METRICS)]
+    if errors:
+        raise ConfigError(errors)
+    command = "dpo-zoo study " + " ".join(shlex.quote(x) for x in [str(path), *overrides])
+    study = Study(Path(path), settings, curves, raw, [o for o in overrides if not o.startswith("study.")], command)
+    _write_experiment(study)
+    try:  # every run's config must load: report a bad knob or value before anything trains
+        for curve in curves:
+            for value in curve.values:
+                study.config(*_loss_overrides(curve, value))
+    except ConfigError as err:
+        raise ConfigError([f"{path}: {e}" for e in err.errors]) from None
+    return study
+
+
+def _curves(path: str, entries: Any, errors: List[str]) -> List[Curve]:
+    if not isinstance(entries, list) or not entries:
+        errors.append(f"{path}: `study.losses`: expected a non-empty list of {{label, loss, knob, values, hparams}}")
+        return []
+    curves, labels = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{path}: `study.losses[{i}]`"
+        if not isinstance(entry, dict):
+            errors.append(f"{where}: expected a mapping, got {entry!r}")
+            continue
+        unknown = sorted(set(entry) - {"label", "loss", "knob", "values", "hparams"})
+        errors += [f"{where}.{k}: unknown key (known: label, loss, knob, values, hparams)" for k in unknown]
+        loss, knob, values = entry.get("loss"), entry.get("knob", "beta"), entry.get("values")
+        label = str(entry.get("label", loss))
+        if not isinstance(loss, str) or not loss:
+            errors.append(f"{where}.loss: expected a registered loss name or preset")
+            continue
+        if not isinstance(values, list) or not values or len({json.dumps(v) for v in values}) != len(values):
+            errors.append(f"{where}.values: expected a list of distinct values of `{knob}`, got {values!r}")
+            continue
+        hparams = entry.get("hparams") or {}
+        if not isinstance(hparams, dict) or knob in hparams:
+            errors.append(f"{where}.hparams: expected a mapping of fixed hyperparameters (without the knob `{knob}`)")
+            continue
+        if label in labels or label == REFERENCE_LABEL:
+            errors.append(f"{where}.label: {label!r} is used twice (or reserved); give each curve its own label")
+            continue
+        labels.add(label)
+        curves.append(Curve(label, loss, str(knob), list(values), dict(hparams)))
+    return curves
+
+
+def _write_experiment(study: Study) -> None:
+    """The shared experiment config, beside the study's outputs (every run loads it)."""
+    from omegaconf import OmegaConf
+
+    study.output_dir.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(OmegaConf.create(study.experiment))
+    target = study.experiment_file()
+    if not target.is_file() or target.read_text() != text:
+        target.write_text(text)
+
+
+def _loss_overrides(curve: Curve, value: Any) -> List[str]:
+    def item(key: str, v: Any) -> str:
+        return f"loss.{key}={json.dumps(v) if not isinstance(v, str) else v}"
+
+    return [f"loss={curve.loss}", *(item(k, v) for k, v in curve.hparams.items()), item(curve.knob, value)]
+
+
+# ==================================================================== running
+
+
+def run_study(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Prepare once, train and evaluate every run of the grid (reusing finished ones), write the outputs."""
+    from tqdm.auto import tqdm
+
+    from dpo_zoo.cache.prep import run_prep
+
+    study = load_study(path, overrides)
+    progress = bool(study.settings["progress"])
+    base = study.config()
+    run_prep(base)
+    evaluator = Evaluator(study, base)
+    records: List[Dict[str, Any]] = []
+    for seed in study.settings["seeds"]:
+        records.append(evaluator.reference(seed))
+    bar = tqdm(study.grid(), desc="study", unit="run", disable=not progress)
+    for curve, value, seed in bar:
+        bar.set_postfix_str(f"{curve.label} {curve.knob}={value} seed {seed}")
+        records.append(run_one(study, evaluator, curve, value, seed))
+    return write_outputs(study, records, data_counts(base))
+
+
+def data_counts(cfg) -> Dict[str, Dict[str, int]]:
+    """Pairs and ties of each split of the study's prepared set (the tie claims depend on them)."""
+    from dpo_zoo.cache.reader import PreparedSet
+
+    counts = {}
+    for split in ("train", "heldout"):
+        table = PreparedSet.open(str(Path(cfg.prep.output_dir).expanduser() / split)).table()
+        ties = sum(bool(t) for t in table.column("is_tie").to_pylist()) if "is_tie" in table.column_names else 0
+        counts[split] = {"pairs": table.num_rows, "ties": ties}
+    return counts
+
+
+def run_one(study: Study, evaluator: "Evaluator", curve: Curve, value: Any, seed: int) -> Dict[str, Any]:
+    """Train (or reuse) one run and evaluate it (or reuse its evaluation)."""
+    from dpo_zoo.train.trainer import train
+
+    folder = study.run_dir(curve, value, seed)
+    cfg = study.config(*_loss_overrides(curve, value), f"train.seed={seed}", f"train.output_dir={folder}")
+    before = _file_hash(folder / "run.json")
+    started = time.time()
+    train(cfg)
+    seconds = round(time.time() - started, 3)
+    record = evaluator.run(folder, cfg, seed)
+    return {"label": curve.label, "loss": curve.loss, "knob": curve.knob, "strength": value, "seed": seed,
+            "run_dir": str(folder), **record, "train_seconds": _training_time(folder, before, seconds)}
+
+
+def _file_hash(path: Path) -> Optional[str]:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _training_time(folder: Path, run_before: Optional[str], seconds: float) -> Optional[float]:
+    """How long the run took to train (the train call, model load and saving included). A run reused
+    from an earlier sitting (its ``run.json`` unchanged by the call) keeps the time recorded when it
+    trained, in ``study_train.json``; None when that sitting did not record one."""
+    run_now = _file_hash(folder / "run.json")
+    timing = folder / TRAIN_TIME_FILE
+    if run_before is not None and run_before == run_now:
+        saved = json.loads(timing.read_text()) if timing.exists() else {}
+        return saved.get("train_seconds") if saved.get("run") == run_now else None
+    timing.write_text(json.dumps({"run": run_now, "train_seconds": seconds}) + "\n")
+    return seconds
+
+
+class Evaluator:
+    """Evaluates runs on held-out prompts (module doc), loading the reference model and reward once."""
+
+    def __init__(self, study: Study, cfg):
+        import torch
+
+        from dpo_zoo.compare.runner import open_heldout
+        from dpo_zoo.compare.subjects import BaseModels
+        from dpo_zoo.compare.drift import kl_prompt_ids
+        from dpo_zoo.rewards.scorers import load_reward
+
+        self.study, self.cfg = study, cfg
+        self.settings = dict(study.settings["eval"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.heldout = open_heldout(str(Path(cfg.prep.output_dir).expanduser() / "heldout"))
+        if len(self.heldout) == 0:
+            raise StudyError(f"{self.heldout.path}: the held-out set has no pairs to draw prompts from")
+        self.prompts = kl_prompt_ids(self.heldout, int(self.settings["prompts"]))
+        self.reward = load_reward(str(study.settings["reward"]))
+        self.bases = BaseModels(cfg, self.device)
+        self._tokenizer = None
+
+    def tokenizer(self, folder: Path):
+        if self._tokenizer is None:
+            from dpo_zoo.model.loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(folder)
+        return self._tokenizer
+
+    def inputs(self, run_file: Optional[Path]) -> Dict[str, Any]:
+        """What an evaluation depends on: the run's record, the held-out set, the settings, the reward."""
+        run_hash = hashlib.sha256(run_file.read_bytes()).hexdigest() if run_file else None
+        heldout = hashlib.sha256(json.dumps(self.heldout.key, sort_keys=True, default=str).encode()).hexdigest()
+        return {"format": EVAL_FORMAT, "run": run_hash, "heldout": heldout, "eval": self.settings,
+                "reward": self.reward.identity}
+
+    def reference(self, seed: int) -> Dict[str, Any]:
+        from dpo_zoo.model.loading import resolve_model
+
+        folder = resolve_model(self.cfg.model).path
+        out = self.study.output_dir / "reference" / f"seed{seed}"
+        model = self.bases.get(folder)
+        record = self._cached(out, self.inputs(None) | {"seed": seed, "model": str(folder)},
+                              lambda: self._measure(model, model, folder, seed))
+        record["accuracy"] = math.nan  # the reference's implicit reward margin is 0 on every pair
+        return {"label": REFERENCE_LABEL, "loss": None, "knob": None, "strength": None, "seed": seed,
+                "run_dir": str(out), **record}
+
+    def run(self, folder: Path, cfg, seed: int) -> Dict[str, Any]:
+        from dpo_zoo.compare.subjects import load_policy, open_subject
+
+        run_file = folder / "run.json"
+        subject = open_subject(str(folder), cfg, None)
+        record = self._cached(folder, self.inputs(run_file) | {"seed": seed},
+                              lambda: self._measure(load_policy(subject, cfg, self.device),
+                                                    self.bases.get(subject.base_model), subject.base_model, seed))
+        metrics = json.loads(run_file.read_text()).get("metrics", {})
+        record["accuracy"] = float(metrics.get("eval_rewards/accuracies", math.nan))
+        return record
+
+    def _cached(self, folder: Path, inputs: Dict[str, Any], measure) -> Dict[str, Any]:
+        path = folder / EVAL_FILE
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("inputs") == json.loads(json.dumps(inputs, default=str)):
+                    return dict(stored["metrics"])
+            except (OSError, ValueError):
+                pass
+        started = time.time()
+        metrics = measure()
+        metrics["eval_seconds"] = round(time.time() - started, 3)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"inputs": inputs, "metrics": metrics}, indent=1, default=str))
+        tmp.replace(path)
+        return metrics
+
+    def _measure(self, policy, reference, tokenizer_folder: Path, seed: int) -> Dict[str, Any]:
+        from dpo_zoo.compare.drift import kl_samples, summarize_kl
+
+        tokenizer = self.tokenizer(tokenizer_folder)
+        s = self.settings
+        samples = kl_samples(policy, reference, self.prompts, n_samples=int(s["samples"]),
+                             max_new_tokens=int(s["max_new_tokens"]), eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, batch_size=int(s["batch_size"]), seed=seed,
+                             device=self.device, progress=bool(self.study.settings["progress"]), desc="eval")
+        prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompts for _ in range(int(s["samples"]))]
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in samples["completions"]]
+        rewards = self.reward(prompt_texts, texts)
+        return measure_samples(samples, summarize_kl(samples), rewards, texts)
+
+
+def measure_samples(samples: Dict[str, Any], kl: Dict[str, Any], rewards: np.ndarray, texts: Sequence[str]) -> Dict[str, Any]:
+    """The per-run metrics (module doc) from the KL samples, their rewards and decoded texts."""
+    from dpo_zoo.metrics import functions as M
+
+    reward = M.mean_and_stderr(rewards)
+    lengths = np.asarray(samples["tokens"], dtype=np.float64)
+    corr = M.pearson(rewards, lengths)  # NaN when either side is constant
+    return {
+        "reward": reward["mean"], "reward_se": reward["stderr"],
+        "kl_rb": kl["rb"], "kl_rb_se": kl["rb_stderr"], "kl_mc": kl["mc"], "kl_mc_se": kl["mc_stderr"],
+        "rb_below_mc": bool(kl["rb_stderr"] < kl["mc_stderr"]) if kl["n_samples"] > 1 else None,
+        "entropy_per_token": kl["entropy_per_token"], "mean_length": kl["mean_length"],
+        "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+        "reward_length_corr": corr, "n_samples": kl["n_samples"],
+        "examples": list(texts[:3]),
+    }
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams over all word n-grams of the texts; NaN when none."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+# ==================================================================== aggregation and outputs
+
+def aggregate(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (label, strength): each metric's mean, SD and 95% CI over seeds, in grid order."""
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["label"], json.dumps(r["strength"])), []).append(r)
+    rows = []
+    for (label, _), members in groups.items():
+        first = members[0]
+        row = {"label": label, "loss": first["loss"], "knob": first["knob"], "strength": first["strength"],
+               "seeds": [m["seed"] for m in members]}
+        for metric in METRICS:
+            row[metric] = ci95([m.get(metric, math.nan) for m in members])
+        row["rb_below_mc_runs"] = sum(1 for m in members if m.get("rb_below_mc"))
+        rows.append(row)
+    return rows
+
+
+def write_outputs(study: Study, records: List[Dict[str, Any]], data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    out = study.output_dir
+    from dpo_zoo.metrics.functions import json_ready
+
+    rows = aggregate(records)
+    summary = {
+        "command": study.command, "study_file": str(study.path), "settings": study.settings,
+        "experiment": study.experiment, "overrides": study.overrides, "data": data or {},
+        "curves": [c.__dict__ for c in study.curves], "aggregates": rows,
+        "runs": [{k: v for k, v in r.items() if k != "examples"} for r in records],
+    }
+    summary = json_ready(summary)
+    (out / "runs.json").write_text(json.dumps(json_ready(records), indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    fields = ["label", "loss", "knob", "strength", "seed", *METRICS, "reward_se", "kl_rb_se", "kl_mc_se",
+              "rb_below_mc", "n_samples", "train_seconds", "eval_seconds", "run_dir"]
+    with open(out / "runs.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    table = summary_table(rows)
+    (out / "summary.md").write_text(table + "\n")
+    png = plot_frontier(rows, out / "frontier.png")
+    write_html(study, table, png, out / "report.html")
+    write_results(str(out / "summary.json"), str(out / "results.md"))
+    print(table)
+    print(f"[dpo-zoo study] {len(records)} runs; outputs in {out} (frontier.png, report.html, runs.csv, summary.json)")
+    return summary
+
+
+def _standard_error(stat: Dict[str, float]) -> float:
+    """The standard error of a mean over seeds (0 without a spread to estimate it from)."""
+    sd, n = stat.get("sd"), stat.get("n") or 0
+    return 0.0 if sd is None or n < 2 or math.isnan(sd) else sd / math.sqrt(n)
+
+
+def plot_frontier(rows: Sequence[Dict[str, Any]], path: Path) -> bytes:
+    """Mean reward against mean KL (RB), one curve per label in its value order, ±1 standard error
+    over seeds as bars (the 95% intervals are in the tables: with 3 seeds they are 2.5 times wider
+    and would hide the points). Every curve has its own colour and marker."""
+    import itertools
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8.5, 5.5), dpi=110)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    colours = plt.get_cmap("tab20").colors
+    styles = itertools.cycle(zip(colours[::2] + colours[1::2], itertools.cycle("osD^vP<>Xhp")))
+    for label in labels:
+        points = [r for r in rows if r["label"] == label]
+        x = [p["kl_rb"]["mean"] for p in points]
+        y = [p["reward"]["mean"] for p in points]
+        xerr = [_standard_error(p["kl_rb"]) for p in points]
+        yerr = [_standard_error(p["reward"]) for p in points]
+        colour, marker = ("black", "*") if label == REFERENCE_LABEL else next(styles)
+        axes.errorbar(x, y, xerr=xerr, yerr=yerr, marker=marker, markersize=11 if marker == "*" else 6,
+                      color=colour, capsize=2, elinewidth=0.8, alpha=0.9,
+                      linestyle="-" if len(points) > 1 and label != REFERENCE_LABEL else "none", label=label)
+        for p, xi, yi in zip(points, x, y):
+            if p["knob"] is not None:
+                axes.annotate(f"{p['strength']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                              color=colour)
+    right = axes.get_xlim()[1]
+    axes.set_xlim(-0.02 * right, right)  # KL >= 0: no room for bars below it, but the reference at 0 shows whole
+    axes.set_xlabel("KL(π‖π_ref) per sequence (Rao–Blackwellized, nats)")
+    axes.set_ylabel("mean ground-truth reward of sampled continuations")
+    axes.set_title("reward–KL frontier (labels: strength values; bars: ±1 standard error over seeds)", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path.read_bytes()
+
+
+def write_html(study: Study, table: str, png: bytes, path: Path) -> None:
+    import base64
+    import html
+
+    def md_to_html(md: str) -> str:
+        lines = [line.strip("|").split(" | ") for line in md.splitlines() if not line.startswith("|---")]
+        head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in lines[1:])
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    image = base64.b64encode(png).decode("ascii")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dpo_zoo study</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style>
+</head><body><h1>Reward–KL frontier</h1><p><code>{html.escape(study.command)}</code></p>
+<img alt="reward-KL frontier" src='data:image/png;base64,{image}'>
+<h2>Mean ± 95% CI over seeds</h2>{md_to_html(table)}
+<p>Reward: {html.escape(str(study.settings['reward']))}; {study.settings['eval']['prompts']} held-out prompts ×
+{study.settings['eval']['samples']} samples per run; seeds {study.settings['seeds']}.</p></body></html>
+"""
+    path.write_text(page, encoding="utf-8")
