@@ -8,7 +8,9 @@ picture: a module imports its own layer and the layers below it, never one above
         |
     study       study/                          loss-vs-loss studies: runs, claims, verdicts
         |
-    compare     compare/                        held-out scoring of runs, drift (KL), reports
+    doctor      doctor/                         `dpo-zoo doctor`: health checks of runs and prepared sets
+        |
+    compare     compare/                        held-out scoring of runs, drift (KL), win rates, reports
         |
     train       train/                          the DeepSpeed pairwise trainer, checkpoints, run folders
         |
@@ -42,6 +44,7 @@ LAYERS = (
     ("cache", ("cache",)),
     ("train", ("train",)),
     ("compare", ("compare",)),
+    ("doctor", ("doctor",)),
     ("study", ("study",)),
     ("interface", ("cli", "docs", "study_results")),
 )

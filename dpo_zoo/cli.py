@@ -5,6 +5,7 @@
     dpo-zoo train CONFIG.yaml [loss=<name>] [loss.beta=0.05] [key=value ...]
     dpo-zoo compare RUN [RUN ...] --data PREPARED [--losses all] [--output DIR]
     dpo-zoo study STUDY.yaml [key=value ...]         losses x strengths x seeds: the reward-KL frontier
+    dpo-zoo doctor RUN_OR_PREPARED_SET [--no-sample] [--config ...]   health checks (exit 1 on a finding)
 
 Also runnable as ``python -m dpo_zoo.cli`` (what the ``deepspeed`` launcher needs:
 ``deepspeed --num_gpus 2 --module dpo_zoo.cli train CONFIG.yaml``).
@@ -122,6 +123,14 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from dpo_zoo.doctor.runner import run_doctor
+
+    files, overrides = _split_overrides(args.overrides or [])
+    findings = run_doctor(args.target, load_config(files, overrides), sample=not args.no_sample)
+    return 1 if findings else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-zoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The deepspeed launcher passes --local_rank before the sub-command; the rank is read from the env.
@@ -152,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="train and evaluate losses x strengths x seeds: the reward-KL frontier")
     p.add_argument("config", nargs="+", help="a study YAML file then key=value overrides (study.* or experiment keys)")
     p.set_defaults(func=cmd_study)
+    p = sub.add_parser("doctor", help="health checks of a run folder or a prepared set (dpo_zoo/doctor/runner.py)")
+    p.add_argument("target", help="a run folder (train.output_dir), a prepared split, or a prep.output_dir")
+    p.add_argument("--no-sample", action="store_true", help="skip the checks that sample from the trained model")
+    p.add_argument("--config", dest="overrides", nargs="*", help="YAML file(s) and key=value overrides (train.health.*)")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -155,6 +155,40 @@ class LoraConfig:
 
 
 @dataclass
+class HealthConfig:
+    # The health checks of dpo_zoo/train/health.py and dpo_zoo/cache/health.py (issue 26): warnings with the
+    # step and what to try, never errors; run live by the trainer and by `dpo-zoo doctor`. None of these
+    # settings changes what a run computes (they are not part of its identity).
+    # Run them live during training (printed once each, and logged to logs.jsonl as {"event": "warning"}).
+    enabled: bool = True
+    # logps_both_falling: steps averaged at the end of the log.
+    window: int = 5
+    # logps_both_falling: both sides below the reference's log-prob by more than this, in nats per token.
+    logp_fall_per_token: float = 0.5
+    # loss_flat_at_log2: |loss − log 2| and |margin| below this on flat_steps consecutive logged steps after warm-up.
+    flat_tolerance: float = 1e-3
+    flat_steps: int = 10
+    # accuracy_saturated_early: accuracy 1.0 on consecutive steps covering this many pairs, within the
+    # first early_fraction of the run.
+    saturation_pairs: int = 64
+    early_fraction: float = 0.25
+    # margin_at_start: the largest |implicit reward| at step 0 still taken as 0 (the policy is the reference).
+    start_margin: float = 0.01
+    # kl_too_large (doctor): KL(π‖π_ref) per sampled completion past this many nats (by two standard errors).
+    kl_max: float = 20.0
+    # length_drift (doctor): the policy's mean sampled length past this factor of the reference's, either way.
+    length_ratio: float = 1.5
+    # truncation_emptied: a kept completion cut to fewer tokens than this.
+    min_completion_tokens: int = 2
+    # Rows of the training set the trainer's row checks read, spread through the set (the doctor reads all).
+    rows: int = 512
+    # dpo-zoo doctor RUN: held-out prompts sampled once each from the policy and from its base model ...
+    sample_prompts: int = 16
+    # ... and the longest completion, in tokens.
+    sample_max_new_tokens: int = 48
+
+
+@dataclass
 class TrainConfig:
     # The run folder (dpo_zoo/train/run_folder.py): logs, checkpoints, final/, run.json.
     output_dir: str = "runs/${loss.name}"
@@ -221,6 +255,8 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # The DeepSpeed engine (see DeepSpeedConfig).
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # The health checks (see HealthConfig; dpo-zoo doctor).
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 @dataclass
@@ -239,6 +275,16 @@ class CompareConfig:
     progress: bool = True
     # Recompute even when output_dir already holds this comparison (same runs, data and settings).
     overwrite: bool = False
+    # The pairwise win rate (dpo_zoo/compare/judging.py): a judge, null for none: module:function, the
+    # folder of a causal LM (safetensors, no remote code), or an OpenAI-compatible endpoint http(s)://host/v1#model.
+    judge: Optional[str] = None
+    # What each subject is judged against: reference (its own base model) or the label or folder of one
+    # of the compared runs.
+    judge_baseline: str = "reference"
+    # Held-out prompts (spread evenly through the set), one sampled completion each per subject and baseline.
+    judge_prompts: int = 32
+    # Longest completion sampled for the judge, in tokens.
+    judge_max_new_tokens: int = 64
 
 
 @dataclass
@@ -282,6 +328,14 @@ POSITIVE = (
     "train.max_steps",
     "train.lora.r",
     "compare.batch_size",
+    "compare.judge_prompts",
+    "compare.judge_max_new_tokens",
+    "train.health.window",
+    "train.health.flat_steps",
+    "train.health.saturation_pairs",
+    "train.health.rows",
+    "train.health.sample_prompts",
+    "train.health.sample_max_new_tokens",
 )
 # Of the keys above, those where null means "no limit".
 NULLABLE = ("prep.max_prompt_length",)

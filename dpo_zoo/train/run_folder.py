@@ -40,7 +40,7 @@ RUN_RECORD_FIELDS = ("loss", "loss_hparams", "base_model")
 # their values.
 WATCH_ONLY_SETTINGS = ("output_dir", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints",
                        "overwrite", "resume", "report_to", "project", "run_name",
-                       "distributed_timeout_s")
+                       "distributed_timeout_s", "health")
 # Model settings that change how the values are computed, not the values (beyond float rounding).
 RUNTIME_ONLY_MODEL_SETTINGS = ("padding_free",)
 

@@ -39,6 +39,7 @@ from dpo_zoo.train.batching import Collated, cache_reference_fields, collate, co
 from dpo_zoo.config import as_dict, loss_hparams, save_resolved
 from dpo_zoo.parallel.process_group import init_distributed, launcher_environment, launcher_world_size, mean_over_ranks
 from dpo_zoo.train.engine import build_engine
+from dpo_zoo.train.health import LiveHealth, reference_shift
 from dpo_zoo.errors import CacheError, TrainingError
 from dpo_zoo.losses import Loss, LossOutput, Need, build_loss
 from dpo_zoo.losses.options import soft_update
@@ -378,6 +379,7 @@ def batch_metrics(output: LossOutput, forward, collated: Collated) -> Dict[str, 
         "logps/rejected": forward.policy_rejected.sums().detach().float().mean().item(),
         "len/chosen": forward.policy_chosen.mask.sum(-1).float().mean().item(),
         "len/rejected": forward.policy_rejected.mask.sum(-1).float().mean().item(),
+        **reference_shift(forward),  # log π − log π_ref of each side (the doctor's logps_both_falling)
     }
     if forward.policy_chosen.logits_mean is not None:
         metrics["logits/chosen"] = forward.policy_chosen.logits_mean.float().mean().item()
@@ -508,6 +510,7 @@ def train(cfg) -> Path:
                 print(f"[dpo-zoo train] live reference partitioned (ZeRO-3): rank 0 holds {held:,} of its "
                       f"{full:,} parameter bytes", flush=True)
             run.log({"event": "start", "step": start_step, "loss_name": name, "reference": reference_mode})
+        health = LiveHealth.start(cfg, loss, run, max_steps, start_step, train_set, tokenizer)  # dpo_zoo/train/health.py
 
         # ---- loop
         pad_id = tokenizer.pad_token_id
@@ -523,7 +526,7 @@ def train(cfg) -> Path:
             if sync is not None and sync.due(done):
                 soft_update(moving_reference, engine.module, sync.alpha)
             if t.log_every and (done % t.log_every == 0 or done == max_steps):
-                run.log({"step": done, **last_metrics})
+                health.log_and_check({"step": done, **last_metrics})  # run.log, then the live checks
             bar.update(1)
             bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", acc=f"{last_metrics['rewards/accuracies']:.2f}",
                             tok_s=f"{last_metrics['tokens_per_second']:.0f}")
