@@ -204,3 +204,39 @@ def test_model_judge_reads_the_logits_of_a_and_b(tmp_path):
         logits = model(input_ids=ids).logits[0, -1]
     a, b = judge._letters
     assert p[0] == pytest.approx(torch.softmax(logits[[a, b]], -1)[0].item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------- dpo-zoo compare with a judge
+
+def test_compare_reports_the_win_rate_of_its_judge(tiny_prepared, tmp_path):
+    """A run that has not moved (learning rate 0) samples exactly what its reference samples (same seed):
+    every item is a tie, whatever the judge's position bias; a real run's rate is the stub's hand count."""
+    from dpo_zoo.compare.runner import run_compare
+    from dpo_zoo.config import load_config
+    from dpo_zoo.train.trainer import train
+
+    still = tmp_path / "still"
+    moved = tmp_path / "moved"
+    train(load_config([], [*tiny_prepared, f"train.output_dir={still}", "train.learning_rate=0", "train.max_steps=1"]))
+    train(load_config([], [*tiny_prepared, f"train.output_dir={moved}", "train.learning_rate=0.05", "train.max_steps=2"]))
+    prep_dir = next(o.split("=", 1)[1] for o in tiny_prepared if o.startswith("prep.output_dir="))
+    settings = ["compare.judge_prompts=6", "compare.judge_max_new_tokens=8", "compare.kl_prompts=2"]
+    cfg = load_config([], [*tiny_prepared, *settings, f"compare.judge={__name__}:always_first"])
+    summary = run_compare(cfg, [str(still)], f"{prep_dir}/heldout", output_dir=str(tmp_path / "report_still"))
+    rate = summary["entries"][0]["win_rate"]
+    assert rate["win_rate"] == 0.5 and rate["ties"] == 6 and rate["first_position_rate"] == 1.0
+    judged = summary["judge"]["judged"]["still"]
+    assert judged["completions"] == judged["baseline"]
+
+    cfg = load_config([], [*tiny_prepared, *settings, f"compare.judge={__name__}:longer_wins", "compare.judge_baseline=still"])
+    summary = run_compare(cfg, [str(still), str(moved)], f"{prep_dir}/heldout", output_dir=str(tmp_path / "report"))
+    by_label = {e["subject"]: e["win_rate"] for e in summary["entries"]}
+    assert by_label["still"] is None  # the baseline itself
+    judged = summary["judge"]["judged"]["moved"]
+    hand = [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+            for a, b in zip(judged["completions"], judged["baseline"])]
+    assert by_label["moved"]["win_rate"] == pytest.approx(sum(hand) / len(hand))
+    assert by_label["moved"]["n"] == 6 and judged["completions"] != judged["baseline"]
+    table = (tmp_path / "report" / "summary.md").read_text()
+    assert "win rate ± se" in table and "baseline" in table and "against still" in table
+    assert "win rate" in (tmp_path / "report" / "report.html").read_text()

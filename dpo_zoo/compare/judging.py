@@ -91,32 +91,38 @@ def resolve_baseline(setting: str, subjects: Sequence[Any]) -> Optional[Any]:
                        f"({', '.join(s.label for s in subjects)})")
 
 
-def win_rates(cfg, subjects: Sequence[Any], samples: Dict[str, JudgeSamples], prompts: Sequence[str], bases,
-              prompt_ids, tokenizers: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    """Each subject's win rate against the baseline, keyed by subject label (the baseline run itself has
-    none), and the judge's settings, as ``summary.json`` records them."""
+def win_rates(cfg, subjects: Sequence[Any], samples: Dict[str, JudgeSamples], heldout, bases,
+              device: torch.device) -> Dict[str, Any]:
+    """Each subject's win rate against the baseline (``by_subject``, keyed by subject label; the baseline
+    run itself has none) and the judge's settings (``settings``), as ``summary.json`` records them.
+    ``samples``: each subject's :class:`JudgeSamples`; ``bases``: the base models (``BaseModels``)."""
+    from dpo_zoo.model.loading import load_tokenizer
     from dpo_zoo.rewards.judge import load_judge
 
     c = cfg.compare
     judge = load_judge(str(c.judge), device=str(device))
     baseline_subject = resolve_baseline(str(c.judge_baseline), subjects)
+    prompt_ids, prompts = judge_prompts(heldout, int(c.judge_prompts))
     reference_samples: Dict[str, JudgeSamples] = {}
     out: Dict[str, Any] = {}
+    texts: Dict[str, Dict[str, List[str]]] = {}  # what was judged, kept in summary.json
     for subject in subjects:
+        if subject is baseline_subject:
+            continue
         if baseline_subject is not None:
-            if subject is baseline_subject:
-                continue
             baseline = samples[baseline_subject.label]
-        else:
+        else:  # the subject's base model, sampled once per base with the same seed and settings
             key = str(subject.base_model)
             if key not in reference_samples:
                 reference_samples[key] = sample_for_judge(
-                    bases.get(subject.base_model), prompt_ids, tokenizers[subject.label],
+                    bases.get(subject.base_model), prompt_ids, load_tokenizer(subject.base_model),
                     max_new_tokens=int(c.judge_max_new_tokens), batch_size=int(c.batch_size),
                     seed=int(cfg.train.seed), device=device)
             baseline = reference_samples[key]
         out[subject.label] = judge_pair(judge, prompts, samples[subject.label], baseline)
+        texts[subject.label] = {"completions": samples[subject.label].texts, "baseline": baseline.texts}
     settings = {"judge": str(c.judge), "identity": judge.identity,
                 "baseline": baseline_subject.label if baseline_subject is not None else REFERENCE_BASELINE,
-                "prompts": len(prompts), "max_new_tokens": int(c.judge_max_new_tokens)}
+                "prompts": len(prompts), "max_new_tokens": int(c.judge_max_new_tokens), "prompt_texts": prompts,
+                "judged": texts}
     return {"by_subject": out, "settings": settings}

@@ -61,6 +61,40 @@ SUMMARY_HEADER = [
 ]
 
 
+JUDGE_HEADER = ["win rate ± se", "LC win rate ± se"]
+
+
+def summary_header(summary: Dict[str, Any]) -> List[str]:
+    """The summary table's columns: the win-rate columns only when a judge was asked (compare.judge)."""
+    return SUMMARY_HEADER + (JUDGE_HEADER if summary.get("judge") else [])
+
+
+def _win_rate_cells(entry: Dict[str, Any]) -> List[str]:
+    rate = entry.get("win_rate")
+    if rate is None:
+        return ["baseline", "baseline"]
+    return [fmt_pm(rate["win_rate"], rate["stderr"]), fmt_pm(rate["lc_win_rate"], rate["lc_stderr"])]
+
+
+def judge_note(summary: Dict[str, Any]) -> str:
+    """What the win-rate columns mean, with the judge's position bias and consistency per subject."""
+    judge = summary.get("judge")
+    if not judge:
+        return ""
+    seen = {}
+    for entry in summary["entries"]:
+        rate = entry.get("win_rate")
+        if rate is not None and entry["subject"] not in seen:
+            seen[entry["subject"]] = (f"{entry['subject']}: {rate['wins']} wins / {rate['ties']} ties / "
+                                      f"{rate['losses']} losses, first answer chosen {fmt(rate['first_position_rate'])}, "
+                                      f"same verdict in both orders {fmt(rate['consistency'])}")
+    return (f"win rate: against {judge['baseline']}, judge `{judge['judge']}`, {judge['prompts']} held-out prompts "
+            f"(one completion each, ≤ {judge['max_new_tokens']} tokens), each judged in both orders; the mean "
+            "debiased preference ± SE. LC: length-controlled (AlpacaEval 2's regression on tanh of the standardised "
+            "length difference, without its instruction term): the predicted preference at equal length. "
+            + "; ".join(seen.values()) + ".")
+
+
 def _accuracy_cell(metrics: Dict[str, Any]) -> str:
     """The accuracy, and how many of its pairs had a margin 0 up to rounding (scored ½), when any did."""
     zero = metrics.get("rewards/zero_margins")
@@ -80,7 +114,7 @@ def summary_rows(summary: Dict[str, Any]) -> List[List[str]]:
             fmt(m["logps/chosen_shift"]), fmt(m["logps/rejected_shift"]),
             fmt_pm(kl["mc"], kl["mc_stderr"]), fmt_pm(kl["rb"], kl["rb_stderr"]),
             fmt(kl["entropy_per_token"]), fmt(m["loss"], 4),
-        ])
+        ] + (_win_rate_cells(entry) if summary.get("judge") else []))
     return rows
 
 
@@ -130,7 +164,7 @@ def render_markdown(summary: Dict[str, Any]) -> str:
         f"Held-out set `{data['path']}`: {data['pairs']} pairs, {data['ties']} ties "
         f"(stores: {', '.join(data['provides'])}).",
         "",
-        markdown_table(SUMMARY_HEADER, summary_rows(summary)),
+        markdown_table(summary_header(summary), summary_rows(summary)),
         "",
         "acc: preference accuracy on non-tie pairs (margin > 0; a margin 0 up to float32 rounding counts ½, "
         "and \"(n at 0)\" says how many did). tie |m|, tie p: mean "
@@ -138,7 +172,7 @@ def render_markdown(summary: Dict[str, Any]) -> str:
         "in both orders; labels are soft labels where present, else 1; Brier against the same labels. "
         "len corr: Pearson(margin, chosen − rejected tokens). Δlogp: mean log π − log π_ref. KL: "
         "KL(π ‖ π_ref) in nats per completion, Monte Carlo and Rao–Blackwellized, ± standard error. "
-        "loss: the entry's own loss, mean over pairs.",
+        "loss: the entry's own loss, mean over pairs." + (" " + judge_note(summary) if summary.get("judge") else ""),
         "",
         "## Held-out value of every registered loss (default hyperparameters)",
         "",
@@ -308,11 +342,12 @@ def render_html(summary: Dict[str, Any], tables: Sequence[Dict[str, np.ndarray]]
         f"<style>{STYLE}</style></head><body>",
         "<h1>dpo-zoo compare</h1>",
         f"<p>Held-out set <code>{html.escape(data['path'])}</code>: {data['pairs']} pairs, {data['ties']} ties.</p>",
-        _html_table(SUMMARY_HEADER, summary_rows(summary)),
+        _html_table(summary_header(summary), summary_rows(summary)),
         "<p class='note'>acc: accuracy on non-tie pairs (margin &gt; 0; a margin 0 up to float32 rounding counts ½, "
         "and &quot;(n at 0)&quot; says how many did). ECE: 10 equal-width "
         "bins, each pair in both orders, labels = soft label where present else 1. KL in nats per completion "
         "(± standard error), Monte Carlo and Rao–Blackwellized (Amini et al., arXiv:2504.10637).</p>",
+        *([f"<p class='note'>{html.escape(judge_note(summary))}</p>"] if summary.get("judge") else []),
     ]
     for title, png in plots:
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>")

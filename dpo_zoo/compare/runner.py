@@ -61,6 +61,7 @@ from dpo_zoo.compare.subjects import (  # noqa: F401
 from dpo_zoo.errors import CacheError, CompareError
 from dpo_zoo.losses import POLICY_NEEDS, Loss, LossInputError, Need, build_loss, get_loss_entry, registered_losses
 from dpo_zoo.compare.drift import kl_prompt_ids, kl_samples, summarize_kl
+from dpo_zoo.compare.judging import judge_prompts, resolve_baseline, sample_for_judge, win_rates
 from dpo_zoo.compare.report import INPUTS_FILE, compare_inputs, report_is_current
 from dpo_zoo.metrics import functions as M
 
@@ -314,6 +315,7 @@ class SubjectResult:
     kl: Dict[str, Any]
     samples: List[str]
     timings: Dict[str, float]
+    judge_samples: Any = None  # its completions for the pairwise win rate (compare.judge)
 
 
 def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = None,
@@ -338,6 +340,8 @@ def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = Non
     for subject in subjects:
         check_tokenizer(subject, heldout)
     _unique_labels(subjects)
+    if c.judge:
+        resolve_baseline(str(c.judge_baseline), subjects)  # a judge baseline that is not there: before any pass
 
     inputs = compare_inputs(cfg, subjects, heldout, loss_names)
     if not c.overwrite and report_is_current(out_dir, inputs):
@@ -354,6 +358,8 @@ def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = Non
     tables = [t for r in results.values() for t in r.tables]
     if not entries:
         raise CompareError("no entry could be scored: " + " ".join(notes))
+    judged = win_rates(cfg, subjects, {label: r.judge_samples for label, r in results.items()}, heldout, bases,
+                       device) if c.judge else None
 
     summary = {
         "data": {"path": str(heldout.path), "pairs": len(heldout), "ties": int(np.sum(tables[0]["is_tie"])),
@@ -362,13 +368,15 @@ def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = Non
         "entries": [
             {"label": e.label, "subject": e.subject.label, "path": str(e.subject.path), "loss": e.loss_name,
              "loss_hparams": e.loss_hparams, "lora": e.subject.adapter, "base_model": str(e.subject.base_model),
-             "reference": e.reference, "metrics": e.metrics, "kl": results[e.subject.label].kl}
+             "reference": e.reference, "metrics": e.metrics, "kl": results[e.subject.label].kl,
+             "win_rate": judged["by_subject"].get(e.subject.label) if judged else None}
             for e in entries
         ],
         "heldout_losses": {label: r.heldout_losses for label, r in results.items()},
         "samples": {label: r.samples for label, r in results.items()},
         "timings": {label: r.timings for label, r in results.items()},
         "notes": notes,
+        "judge": judged["settings"] if judged else None,
         "settings": {"seed": int(cfg.train.seed), "batch_size": int(c.batch_size), "kl_prompts": int(c.kl_prompts),
                      "kl_samples": int(c.kl_samples), "kl_max_new_tokens": int(c.kl_max_new_tokens),
                      "ece_bins": 10, "device": str(device)},
@@ -436,6 +444,11 @@ def score_subject(subject: Subject, cfg, heldout, *, listed: bool, several: bool
     timer = time.perf_counter()
     kl, samples = _drift(subject, policy, bases, heldout, tokenizer, cfg, device, seed, notes)
     timings["kl_seconds"] = time.perf_counter() - timer
+    judged = None
+    if c.judge:  # one completion per judge prompt, for the pairwise win rate (dpo_zoo/compare/judging.py)
+        judged = sample_for_judge(policy, judge_prompts(heldout, int(c.judge_prompts))[0], tokenizer,
+                                  max_new_tokens=int(c.judge_max_new_tokens), batch_size=int(c.batch_size),
+                                  seed=seed, device=device)
 
     entries, tables = [], []
     for index, ((name, hparams), key) in enumerate(zip(subject.losses, entry_keys)):
@@ -457,7 +470,7 @@ def score_subject(subject: Subject, cfg, heldout, *, listed: bool, several: bool
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return SubjectResult(entries=entries, tables=tables, heldout_losses=heldout_losses, kl=kl, samples=samples,
-                         timings=timings)
+                         timings=timings, judge_samples=judged)
 
 
 def _loss_cell(scored_pass: ScoredPass, key: str, loss: Loss, heldout, live: bool) -> Dict[str, Any]:
