@@ -208,6 +208,8 @@ TRAINING_METRICS = {
     "logits/rejected": "mean policy logit over the rejected responses' tokens and the vocabulary",
     "len/chosen": "mean number of chosen response tokens",
     "len/rejected": "mean number of rejected response tokens",
+    "logps/chosen_shift": "mean log π − log π_ref of the chosen responses on the step's pairs (losses with a reference; read by the doctor)",
+    "logps/rejected_shift": "mean log π − log π_ref of the rejected responses on the step's pairs",
     "grad_norm": "L2 norm of the gradient before clipping",
     "learning_rate": "learning rate of the step",
     "tokens_per_second": "input tokens (both responses, all ranks) per second of the step",
@@ -234,6 +236,9 @@ COMPARE_METRICS = {
     "kl: mc, mc_stderr": "Monte Carlo KL(policy ‖ reference) over sampled completions, with its standard error",
     "kl: rb, rb_stderr": "Rao–Blackwellized KL (exact per-position KL along the sampled prefix), with its standard error",
     "kl: entropy_per_token": "the policy's mean token entropy on its samples",
+    "win_rate: win_rate, stderr, wins, ties, losses, n": "with compare.judge: the mean position-debiased judge preference for the run's sampled completion over the baseline's, ± SE, and the items won / tied / lost",
+    "win_rate: lc_win_rate, lc_stderr, lc_length_coef": "the length-controlled win rate (AlpacaEval 2's regression without its instruction term) ± SE, and the fitted length coefficient",
+    "win_rate: first_position_rate, consistency": "how often the judge preferred the response shown first, and how often its two verdicts on an item agreed",
 }
 
 
@@ -293,6 +298,19 @@ def checkpoints_markdown() -> str:
                       f"Manifest format: `{checkpoints.FORMAT}`."]) + "\n"
 
 
+def doctor_markdown() -> str:
+    from dpo_zoo.cache import health as prepared_checks
+    from dpo_zoo.doctor import runner as doctor
+    from dpo_zoo.rewards import judge, win_rate
+    from dpo_zoo.train import health as training_checks
+
+    return "\n".join(["# The doctor, and win rates", "", GENERATED, "", doctor.__doc__.strip(), "",
+                      "## Training-signal checks", "", training_checks.__doc__.strip(), "",
+                      "## Prepared-set checks", "", prepared_checks.__doc__.strip(), "",
+                      "## Win rates (`dpo-zoo compare` with `compare.judge`)", "", win_rate.__doc__.strip(), "",
+                      "## Judges", "", judge.__doc__.strip()]) + "\n"
+
+
 def study_markdown() -> str:
     from dpo_zoo.rewards import scorers as rewards
     from dpo_zoo.study import runner as study
@@ -323,6 +341,7 @@ def generated_docs() -> Dict[Path, str]:
         DOCS / "cache.md": cache_markdown(),
         DOCS / "checkpoints.md": checkpoints_markdown(),
         DOCS / "study.md": study_markdown(),
+        DOCS / "doctor.md": doctor_markdown(),
         DOCS / "performance.md": performance_markdown(),
     }
 

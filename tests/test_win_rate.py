@@ -240,3 +240,35 @@ def test_compare_reports_the_win_rate_of_its_judge(tiny_prepared, tmp_path):
     table = (tmp_path / "report" / "summary.md").read_text()
     assert "win rate ± se" in table and "baseline" in table and "against still" in table
     assert "win rate" in (tmp_path / "report" / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- the judge as a study reward
+
+def test_judge_reward_scores_the_debiased_preference_against_each_prompts_baseline():
+    from dpo_zoo.rewards.scorers import load_reward
+
+    reward = load_reward(f"judge:{__name__}:contains_good")
+    assert reward.needs_baselines and reward.identity["judge"]["spec"] == f"{__name__}:contains_good"
+    reward.set_baselines(["p1", "p2"], ["a good one", "plain"])
+    # p1: "bad" loses to the good baseline (0); p2: "good" beats the plain one (1); p1: "good" ties (½)
+    assert reward(["p1", "p2", "p1"], ["bad", "good", "good too"]).tolist() == [0.0, 1.0, 0.5]
+    with pytest.raises(J.JudgeError, match="no baseline response for the prompt 'p3'"):
+        reward(["p3"], ["x"])
+
+
+def test_study_baselines_are_the_chosen_responses_of_the_evaluation_prompts(tiny_prepared):
+    from dpo_zoo.cache.reader import PreparedSet
+    from dpo_zoo.compare.drift import kl_prompt_ids
+    from dpo_zoo.compare.judging import chosen_baselines
+    from dpo_zoo.model.loading import load_tokenizer
+
+    prep_dir = next(o.split("=", 1)[1] for o in tiny_prepared if o.startswith("prep.output_dir="))
+    model = next(o.split("=", 1)[1] for o in tiny_prepared if o.startswith("model.name_or_path="))
+    heldout, tokenizer = PreparedSet.open(f"{prep_dir}/heldout"), load_tokenizer(model)
+    prompts, chosen = chosen_baselines(heldout, 5, tokenizer)
+    # the prompts the study decodes for its reward (dpo_zoo/study/runner.py, Evaluator._measure)
+    assert prompts == [tokenizer.decode(p, skip_special_tokens=True) for p in kl_prompt_ids(heldout, 5)]
+    first = heldout.rows([0])[0]
+    assert chosen[0] == tokenizer.decode(first["chosen_input_ids"][first["chosen_completion_start"]:],
+                                         skip_special_tokens=True)
+    assert len(set(chosen)) > 1

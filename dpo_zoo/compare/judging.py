@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -126,3 +126,18 @@ def win_rates(cfg, subjects: Sequence[Any], samples: Dict[str, JudgeSamples], he
                 "prompts": len(prompts), "max_new_tokens": int(c.judge_max_new_tokens), "prompt_texts": prompts,
                 "judged": texts}
     return {"by_subject": out, "settings": settings}
+
+
+def chosen_baselines(heldout, n_prompts: int, tokenizer) -> Tuple[List[str], List[str]]:
+    """(prompt texts, chosen responses) of the held-out pairs :func:`~dpo_zoo.compare.drift.kl_prompt_ids`
+    picks, decoded without special tokens: the baselines of a judge reward in ``dpo-zoo study``."""
+    n = len(heldout)
+    if n == 0 or n_prompts == 0:
+        return [], []
+    indices = sorted(set(np.linspace(0, n - 1, num=min(n_prompts, n)).round().astype(int).tolist()))
+    rows = heldout.rows(indices, columns=[S.CHOSEN_INPUT_IDS, S.CHOSEN_COMPLETION_START])
+    prompts = [tokenizer.decode(r[S.CHOSEN_INPUT_IDS][: r[S.CHOSEN_COMPLETION_START]], skip_special_tokens=True)
+               for r in rows]
+    chosen = [tokenizer.decode(r[S.CHOSEN_INPUT_IDS][r[S.CHOSEN_COMPLETION_START]:], skip_special_tokens=True)
+              for r in rows]
+    return prompts, chosen

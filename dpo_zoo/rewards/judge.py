@@ -269,11 +269,6 @@ def load_judge(spec: str, *, device: str = "cpu") -> Judge:
     raise JudgeError(f"judge {spec!r}: no such model folder, not an http(s) endpoint and not of the form module:function")
 
 
-def judge_reward(spec: str, *, device: str = "cpu"):
-    """The reward ``judge:<spec>`` (:mod:`dpo_zoo.rewards.scorers`): a :class:`JudgeReward` over :func:`load_judge`."""
-    return JudgeReward(load_judge(spec, device=device))
-
-
 class JudgeReward(Reward):
     """A judge as a reward: each completion's debiased preference (:mod:`dpo_zoo.rewards.win_rate`, both
     orders) against the *baseline* completion of its prompt, so the mean reward of a set of completions

@@ -13,6 +13,12 @@ A reward is named by a *spec* string (``data.options.reward`` of the ``reward_pa
   and ``logit[1] − logit[0]`` (the log-odds of label 1, e.g. POSITIVE) when it has two.
 * ``module:function``: a Python callable ``function(prompts, completions) -> sequence of floats``,
   imported from an importable module (installed, or on ``PYTHONPATH``); e.g. ``mypkg.rewards:length``.
+* ``judge:<judge spec>``: a pairwise judge (:mod:`dpo_zoo.rewards.judge`: ``module:function``, a causal-LM
+  folder, or an OpenAI-compatible endpoint) as a reward: each completion scores its position-debiased
+  preference over a *baseline* response to the same prompt (both orders, :mod:`dpo_zoo.rewards.win_rate`),
+  so a mean reward is a win rate. The caller provides the baselines (``needs_baselines``): ``dpo-zoo study``
+  gives each held-out prompt's chosen response, so a run's reward is its win rate against the data's
+  preferred responses, and the reference model's is its own.
 
 Every reward returns a float64 array with one finite value per completion, or raises
 :class:`RewardError` naming the spec and what is wrong (not importable, not callable, the wrong number
@@ -33,6 +39,7 @@ import numpy as np
 from dpo_zoo.errors import UserError
 
 BUILTIN_REWARDS = ("vader",)
+JUDGE_PREFIX = "judge:"
 
 
 class RewardError(UserError, ValueError):
@@ -189,12 +196,16 @@ class CallableReward(Reward):
 
 
 def load_reward(spec: str, *, device: str = "cpu") -> Reward:
-    """The reward named by ``spec`` (module doc): ``vader``, a model folder, or ``module:function``."""
+    """The reward named by ``spec`` (module doc): ``vader``, a model folder, ``module:function`` or ``judge:<spec>``."""
     if not isinstance(spec, str) or not spec.strip():
         raise RewardError(f"reward: expected 'vader', a model folder or module:function, got {spec!r}")
     spec = spec.strip()
     if spec == "vader":
         return VaderReward()
+    if spec.startswith(JUDGE_PREFIX):  # before module:function, which the judge's own spec may be
+        from dpo_zoo.rewards.judge import JudgeReward, load_judge
+
+        return JudgeReward(load_judge(spec[len(JUDGE_PREFIX):], device=device))
     path = Path(spec).expanduser()
     if path.is_dir():
         return ClassifierReward(path, device=device)

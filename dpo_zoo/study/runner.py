@@ -374,6 +374,10 @@ class Evaluator:
                              device=self.device, progress=bool(self.study.settings["progress"]), desc="eval")
         prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompts for _ in range(int(s["samples"]))]
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in samples["completions"]]
+        if getattr(self.reward, "needs_baselines", False):  # a judge reward (study.reward: judge:...)
+            from dpo_zoo.compare.judging import chosen_baselines
+
+            self.reward.set_baselines(*chosen_baselines(self.heldout, len(self.prompts), tokenizer))
         rewards = self.reward(prompt_texts, texts)
         return measure_samples(samples, summarize_kl(samples), rewards, texts)
 
