@@ -167,11 +167,11 @@ class HealthConfig:
     logp_fall_per_token: float = 0.5
     # loss_flat_at_log2: |loss − log 2| and |margin| below this on flat_steps consecutive logged steps after warm-up.
     flat_tolerance: float = 1e-3
-    flat_steps: int = 10
+    flat_steps: int = 10  # (the number of consecutive logged steps)
     # accuracy_saturated_early: accuracy 1.0 on consecutive steps covering this many pairs, within the
     # first early_fraction of the run.
     saturation_pairs: int = 64
-    early_fraction: float = 0.25
+    early_fraction: float = 0.25  # (of train.max_steps, or the epochs' step count)
     # margin_at_start: the largest |implicit reward| at step 0 still taken as 0 (the policy is the reference).
     start_margin: float = 0.01
     # kl_too_large (doctor): KL(π‖π_ref) per sampled completion past this many nats (by two standard errors).

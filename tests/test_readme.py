@@ -25,6 +25,13 @@ EXERCISED = {
     "HOSTFILE=launch/hostfile bash launch/multi_node.sh": "tests/test_multi_node.py (two nodes in network namespaces, train and prep)",
     "NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=launch/hostfile bash launch/multi_node.sh": "tests/test_multi_node.py (how each node is started there)",
     "sbatch --nodes=2 launch/slurm.sbatch": "tests/test_launch.py (under stand-ins for scontrol and srun)",
+    "dpo-zoo compare runs/demo/dpo runs/demo/sampo --data prepared/demo/heldout --config compare.judge=":
+        "tests/test_win_rate.py (compare with a module:function judge, against the reference and a baseline run)",
+    "dpo-zoo compare runs/a runs/b --data prepared/x/heldout --config compare.judge=": "tests/test_win_rate.py "
+        "(a model-folder judge; a baseline run named by compare.judge_baseline)",
+    "dpo-zoo compare runs/a --data prepared/x/heldout --config 'compare.judge=http": "tests/test_win_rate.py "
+        "(the endpoint judge against a server on 127.0.0.1)",
+    "dpo-zoo doctor": "tests/test_doctor.py (runs and prepared sets built to show each check, through the CLI)",
 }
 
 

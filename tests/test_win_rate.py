@@ -245,14 +245,14 @@ def test_compare_reports_the_win_rate_of_its_judge(tiny_prepared, tmp_path):
 # ---------------------------------------------------------------- the judge as a study reward
 
 def test_judge_reward_scores_the_debiased_preference_against_each_prompts_baseline():
-    from dpo_zoo.rewards.scorers import load_reward
+    from dpo_zoo.rewards.scorers import RewardError, load_reward
 
     reward = load_reward(f"judge:{__name__}:contains_good")
     assert reward.needs_baselines and reward.identity["judge"]["spec"] == f"{__name__}:contains_good"
     reward.set_baselines(["p1", "p2"], ["a good one", "plain"])
     # p1: "bad" loses to the good baseline (0); p2: "good" beats the plain one (1); p1: "good" ties (½)
     assert reward(["p1", "p2", "p1"], ["bad", "good", "good too"]).tolist() == [0.0, 1.0, 0.5]
-    with pytest.raises(J.JudgeError, match="no baseline response for the prompt 'p3'"):
+    with pytest.raises(RewardError, match="no baseline response for the prompt 'p3'"):
         reward(["p3"], ["x"])
 
 

@@ -34,7 +34,6 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 
 from dpo_zoo.errors import UserError
-from dpo_zoo.rewards.scorers import Reward
 
 JUDGE_SYSTEM = "You are a careful judge of answers. You compare two responses to the same prompt."
 JUDGE_INSTRUCTION = (
@@ -267,38 +266,3 @@ def load_judge(spec: str, *, device: str = "cpu") -> Judge:
     if ":" in spec and not path.exists():
         return CallableJudge(spec)
     raise JudgeError(f"judge {spec!r}: no such model folder, not an http(s) endpoint and not of the form module:function")
-
-
-class JudgeReward(Reward):
-    """A judge as a reward: each completion's debiased preference (:mod:`dpo_zoo.rewards.win_rate`, both
-    orders) against the *baseline* completion of its prompt, so the mean reward of a set of completions
-    is their win rate against the baselines. The baselines are given by :meth:`set_baselines` before
-    scoring (``dpo-zoo study``: the held-out pairs' chosen responses); ``needs_baselines`` tells the
-    caller so."""
-
-    needs_baselines = True
-
-    def __init__(self, judge: Judge):
-        self.judge, self.spec, self.batch_size = judge, f"judge:{judge.spec}", 64
-        self._baselines: Dict[str, str] = {}
-
-    def set_baselines(self, prompts: Sequence[str], baselines: Sequence[str]) -> None:
-        """The baseline response of each prompt (a prompt given twice keeps its last baseline)."""
-        if len(prompts) != len(baselines):
-            raise JudgeError(f"reward {self.spec!r}: {len(prompts)} prompts but {len(baselines)} baselines")
-        self._baselines.update(zip(prompts, baselines))
-
-    @property
-    def identity(self) -> Dict[str, Any]:
-        return {"reward": "judge", "judge": self.judge.identity, "scores": "debiased preference against a baseline"}
-
-    def _score(self, prompts: List[str], completions: List[str]) -> List[float]:
-        from dpo_zoo.rewards.win_rate import debiased_preferences
-
-        missing = [p for p in prompts if p not in self._baselines]
-        if missing:
-            raise JudgeError(f"reward {self.spec!r}: no baseline response for the prompt {missing[0][:80]!r}")
-        baselines = [self._baselines[p] for p in prompts]
-        first = self.judge(prompts, completions, baselines)
-        second = self.judge(prompts, baselines, completions)
-        return debiased_preferences(first, second).tolist()

@@ -195,6 +195,41 @@ class CallableReward(Reward):
             raise RewardError(f"reward {self.spec!r} raised {type(err).__name__}: {err}") from err
 
 
+class JudgeReward(Reward):
+    """A judge as a reward: each completion's debiased preference (:mod:`dpo_zoo.rewards.win_rate`, both
+    orders) against the *baseline* completion of its prompt, so the mean reward of a set of completions
+    is their win rate against the baselines. The baselines are given by :meth:`set_baselines` before
+    scoring (``dpo-zoo study``: the held-out pairs' chosen responses); ``needs_baselines`` tells the
+    caller so."""
+
+    needs_baselines = True
+
+    def __init__(self, judge):
+        self.judge, self.spec, self.batch_size = judge, f"judge:{judge.spec}", 64
+        self._baselines: Dict[str, str] = {}
+
+    def set_baselines(self, prompts: Sequence[str], baselines: Sequence[str]) -> None:
+        """The baseline response of each prompt (a prompt given twice keeps its last baseline)."""
+        if len(prompts) != len(baselines):
+            raise RewardError(f"reward {self.spec!r}: {len(prompts)} prompts but {len(baselines)} baselines")
+        self._baselines.update(zip(prompts, baselines))
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        return {"reward": "judge", "judge": self.judge.identity, "scores": "debiased preference against a baseline"}
+
+    def _score(self, prompts: List[str], completions: List[str]) -> List[float]:
+        from dpo_zoo.rewards.win_rate import debiased_preferences
+
+        missing = [p for p in prompts if p not in self._baselines]
+        if missing:
+            raise RewardError(f"reward {self.spec!r}: no baseline response for the prompt {missing[0][:80]!r}")
+        baselines = [self._baselines[p] for p in prompts]
+        first = self.judge(prompts, completions, baselines)
+        second = self.judge(prompts, baselines, completions)
+        return debiased_preferences(first, second).tolist()
+
+
 def load_reward(spec: str, *, device: str = "cpu") -> Reward:
     """The reward named by ``spec`` (module doc): ``vader``, a model folder, ``module:function`` or ``judge:<spec>``."""
     if not isinstance(spec, str) or not spec.strip():
@@ -203,7 +238,7 @@ def load_reward(spec: str, *, device: str = "cpu") -> Reward:
     if spec == "vader":
         return VaderReward()
     if spec.startswith(JUDGE_PREFIX):  # before module:function, which the judge's own spec may be
-        from dpo_zoo.rewards.judge import JudgeReward, load_judge
+        from dpo_zoo.rewards.judge import load_judge
 
         return JudgeReward(load_judge(spec[len(JUDGE_PREFIX):], device=device))
     path = Path(spec).expanduser()
