@@ -250,6 +250,7 @@ def packed_completion_logps(
     a time; otherwise the whole model runs with ``logits_to_keep`` = those positions.
     """
     device = row.input_ids.device
+    row.attention = packing.attention_of(model)
     call = dict(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False,
                 attention_mask=packing.mask_placeholder(device), packed_row=row)
     split = packing.lm_head_of(model)
