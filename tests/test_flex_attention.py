@@ -21,6 +21,9 @@ from tests.test_packing import TOLERANCE, _family, _fields, _pairs, _random_pair
 # matrix shapes, another attention kernel) differs by a few bf16 ulps of the activations; measured
 # here up to 0.03 nats on the tiny models, so 0.1 nats is the bound (fp32 agrees to 1e-6).
 BF16_TOLERANCE = 0.1
+# Summed log-probs (a few hundred nats on the tiny model's HH pairs) differ by one fp32 ulp between
+# the kernels (measured: 1.1e-7 relative); per-token values and losses stay within TOLERANCE absolute.
+SUM_RTOL = 1e-6
 
 
 def _dense_rule(row):
@@ -116,8 +119,8 @@ def test_every_registered_loss_has_the_same_inputs_and_loss_with_flex(name, prep
             left, right = left[masks[side]], right[masks[side]]
         if left.dtype in (torch.bool, torch.long):
             assert torch.equal(left, right), field
-        else:
-            torch.testing.assert_close(right, left, atol=TOLERANCE, rtol=0, msg=field)
+        else:  # sums of ~280 nats: 1 fp32 ulp is 3e-5 there, so they get a relative bound too
+            torch.testing.assert_close(right, left, atol=TOLERANCE, rtol=SUM_RTOL, msg=field)
     for field in ("losses", "chosen_rewards", "rejected_rewards"):
         torch.testing.assert_close(getattr(packed_out, field), getattr(padded_out, field), atol=TOLERANCE, rtol=0,
                                    msg=field)
