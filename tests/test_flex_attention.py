@@ -19,8 +19,8 @@ from tests.test_packing import TOLERANCE, _family, _fields, _pairs, _random_pair
 
 # bf16 keeps 8 significant bits: a per-token log-prob of a few nats computed along two paths (other
 # matrix shapes, another attention kernel) differs by a few bf16 ulps of the activations; measured
-# here up to 0.03 nats on the tiny models, so 0.1 nats is the bound (fp32 agrees to 1e-6).
-BF16_TOLERANCE = 0.1
+# here up to 1.3e-3 nats on the tiny models (either attention), so 0.02 nats is the bound (fp32: 1e-6).
+BF16_TOLERANCE = 0.02
 # Summed log-probs (a few hundred nats on the tiny model's HH pairs) differ by one fp32 ulp between
 # the kernels (measured: 1.1e-7 relative); per-token values and losses stay within TOLERANCE absolute.
 SUM_RTOL = 1e-6
