@@ -36,6 +36,10 @@ class ModelConfig:
     # Run each batch of pairs as one packed row, no padding, each prompt computed once (Llama, Mistral,
     # Qwen2, Qwen3; others run padded). false: the padded [2B, L] batch (same values up to rounding).
     padding_free: bool = True
+    # How a packed row's attention runs: segments (one SDPA call per pair, in a loop), flex (one
+    # FlexAttention call per layer over a block mask of the pairs; compiled; no backward on CPU), or auto
+    # (segments on CPU; elsewhere the faster of the two, timed once on the first packed layer).
+    attention: str = one_of("auto", "auto", "segments", "flex")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from dpo_zoo.cache.format import Layout, digest
 from dpo_zoo.cache.writer import PreparedSetWriter, build_shard_table, pairs_fingerprint, plan_shards, shard_token_counts
 from dpo_zoo.parallel.process_group import Processes
 from dpo_zoo.errors import CacheError, DataError
+from dpo_zoo.model import packing
 from dpo_zoo.model.logps import completion_logps
 from dpo_zoo.model.loading import ResolvedModel, cache_root, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
 from dpo_zoo.staleness import describe
@@ -440,10 +441,12 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
             held, full = held_bytes(model)
             print(f"[prep] rank {processes.rank}: holds {held:,} of the reference's {full:,} parameter bytes "
                   "(prep.zero3)", flush=True)
+        packing.set_attention(model, cfg.model.attention)
         lockstep = Lockstep(model, sum(len(plan_batches(shard_rows[i], cfg.prep.batch_size, pad_id)) for i in todo))
     elif todo and context.reference["source"] == "model" and model is None:
         model = load_model(context.model.path, cfg.prep.dtype, trust_remote_code=cfg.model.trust_remote_code)
         model.to(device)
+        packing.set_attention(model, cfg.model.attention)
 
     from tqdm.auto import tqdm
 

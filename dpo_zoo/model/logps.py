@@ -15,8 +15,11 @@ Two ways to compute the same values:
 
 Per token, ``log π(y|·) = logit[y] − logsumexp(logits)``. The LM head runs in chunks of
 ``head_chunk`` completion tokens; when training (gradients on, no vocabulary-level output asked for) each
-chunk is checkpointed — only its hidden states are kept and its logits are recomputed in the backward
-pass — so no ``[tokens, V]`` logits tensor stays alive for backward. Vocabulary-level outputs (needed
+chunk keeps only its hidden states and its logits are recomputed in the backward pass, so no
+``[tokens, V]`` logits tensor stays alive for backward. With a plain bias-free linear head and no top-k
+asked for, a chunk's backward is written out (:class:`_ChunkTokenLogps`): ``∂/∂logits = g·(e_y − p)``
+computed in place on the recomputed logits, then two matrix products in the head's dtype (bf16 when
+training in bf16), instead of autograd's chain of ``[tokens, V]`` temporaries through ``logsumexp``. Vocabulary-level outputs (needed
 only by token-level losses such as ``ra_dpo`` and ``tdpo``) are built for completion positions only,
 from the same chunks.
 """
@@ -233,6 +236,41 @@ def _head_values(head: Optional[torch.nn.Module], hidden: torch.Tensor, labels: 
     return tokens, (vocab_logps if vocab else None), top, mean, square
 
 
+class _ChunkTokenLogps(torch.autograd.Function):
+    """Per-token log-probs of one chunk, ``log π(y_m) = h_m·w_y − logsumexp_v(h_m·w_v)`` for hidden
+    states ``h`` [m, H] and a head weight ``W`` [V, H], with the mean logit and ``log Σ_v π(v)²`` as
+    gradient-free side outputs when asked. Backward recomputes the logits (nothing of size [m, V] is
+    kept) and uses ``∂ log π(y)/∂ logits = e_y − softmax(logits)``: ``∂h = G·W`` and ``∂W = Gᵀ·h`` for
+    ``G = g·(e_y − p)``. The logits are always normalised in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, want_mean: bool, want_square: bool):
+        logits = (hidden @ weight.t()).float()
+        log_norm = torch.logsumexp(logits, dim=-1)
+        tokens = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_norm
+        mean = logits.mean(-1) if want_mean else None
+        square = torch.logsumexp(logits.mul_(2.0), dim=-1) - 2.0 * log_norm if want_square else None
+        ctx.save_for_backward(hidden, weight, labels, log_norm)
+        ctx.mark_non_differentiable(*[t for t in (mean, square) if t is not None])
+        return tokens, mean, square
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _square):
+        hidden, weight, labels, log_norm = ctx.saved_tensors
+        probs = (hidden @ weight.t()).float().sub_(log_norm.unsqueeze(1)).exp_()
+        probs.mul_(grad.neg().unsqueeze(1)).scatter_add_(1, labels.unsqueeze(1), grad.unsqueeze(1))
+        d_logits = probs.to(hidden.dtype)
+        d_hidden = d_logits @ weight if ctx.needs_input_grad[0] else None
+        d_weight = d_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        return d_hidden, d_weight, None, None, None
+
+
+def _fused_head_values(head, hidden, labels, vocab, topk, logits_mean, sq_mass):
+    """:func:`_head_values`'s tuple from :class:`_ChunkTokenLogps` (token-level outputs only)."""
+    tokens, mean, square = _ChunkTokenLogps.apply(hidden, head.weight, labels, logits_mean, sq_mass)
+    return tokens, None, None, mean, square
+
+
 def packed_completion_logps(
     model: torch.nn.Module,
     row: "packing.PackedRow",
@@ -250,6 +288,7 @@ def packed_completion_logps(
     a time; otherwise the whole model runs with ``logits_to_keep`` = those positions.
     """
     device = row.input_ids.device
+    row.attention = packing.attention_of(model)
     call = dict(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False,
                 attention_mask=packing.mask_placeholder(device), packed_row=row)
     split = packing.lm_head_of(model)
@@ -262,10 +301,13 @@ def packed_completion_logps(
     # Checkpointing a chunk keeps only its hidden states for backward; a vocabulary-level output is
     # kept whole by the loss anyway, so recomputing its logits would save nothing.
     recompute = head is not None and not vocab and torch.is_grad_enabled() and hidden.requires_grad
+    fused = recompute and not topk and type(head) is torch.nn.Linear and head.bias is None
     parts = []
     flags = (vocab, topk, logits_mean, sq_mass)
     for chunk_hidden, chunk_labels in zip(hidden.split(head_chunk), row.labels.split(head_chunk)):
-        if recompute:
+        if fused:
+            parts.append(_fused_head_values(head, chunk_hidden, chunk_labels, *flags))
+        elif recompute:
             parts.append(checkpoint(_head_values, head, chunk_hidden, chunk_labels, *flags, use_reentrant=False))
         else:
             parts.append(_head_values(head, chunk_hidden, chunk_labels, *flags))

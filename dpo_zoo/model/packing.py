@@ -39,10 +39,15 @@ pass, longest pairs first.
 Attention
 ---------
 The model runs with the attention implementation :data:`ATTENTION_NAME`, registered with transformers'
-``AttentionInterface``. When a forward call carries a ``packed_row`` it computes attention segment by
-segment with ``torch.nn.functional.scaled_dot_product_attention`` (SDPA): a plain causal segment uses
-SDPA's causal kernel, a shared-prompt segment an explicit ``[n, n]`` boolean mask. Cost is
-``Σ n_i²`` per layer rather than ``(Σ n_i)²`` of one dense block mask. Without a ``packed_row`` (e.g.
+``AttentionInterface``. When a forward call carries a ``packed_row`` it computes attention in one of
+two ways (``model.attention``, recorded on the model by :func:`set_attention`):
+
+* ``segments``: segment by segment with ``torch.nn.functional.scaled_dot_product_attention`` (SDPA): a
+  plain causal segment uses SDPA's causal kernel, a shared-prompt segment an explicit ``[n, n]``
+  boolean mask. Cost is ``Σ n_i²`` per layer rather than ``(Σ n_i)²`` of one dense block mask;
+* ``flex``: one FlexAttention call per layer over a block mask of the same rule, built once per row
+  (:mod:`dpo_zoo.model.flex`);
+* ``auto`` (the default): the segment loop on CPU, else whichever of the two measures faster. Without a ``packed_row`` (e.g.
 generation) it is exactly transformers' SDPA attention, so switching a model to it changes nothing else.
 
 Supported families: :data:`SUPPORTED_MODEL_TYPES` (Llama, which covers SmolLM2; Mistral; Qwen2; Qwen3) —
@@ -55,11 +60,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from dpo_zoo.model import flex
 
 ATTENTION_NAME = "dpo_zoo_packed"
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -72,11 +79,14 @@ _said_once: set = set()
 @dataclass
 class Segment:
     """Tokens ``[start, start + length)`` of the packed row; ``mask[q, k]`` True where query ``q`` may
-    attend key ``k`` (segment-local indices), or None for plain causal attention."""
+    attend key ``k`` (segment-local indices), or None for plain causal attention. ``chosen`` is the
+    segment-local ``[begin, end)`` of a shared-prompt segment's chosen tokens (the rejected tokens,
+    from ``end`` on, never see them); None for a plain causal segment."""
 
     start: int
     length: int
     mask: Optional[torch.Tensor] = None
+    chosen: Optional[Tuple[int, int]] = None
 
 
 @dataclass
@@ -97,6 +107,10 @@ class PackedRow:
     n_rows: int
     width: int
     shared_pairs: int  # pairs whose prompt is computed once
+    # How attention runs over the row (model.attention: auto | segments | flex); set per forward call.
+    attention: str = "auto"
+    # Built once per row and shared by every layer (FlexAttention's block mask).
+    cache: Dict[str, object] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -178,7 +192,7 @@ def pack_rows(
         completion(rejected, prompt, lengths[rejected], rejected_from)
         mask = torch.ones(length, length, dtype=torch.bool).tril_()
         mask[prompt + n_chosen :, prompt : prompt + n_chosen] = False  # rejected never sees chosen
-        segments.append(Segment(cursor, length, mask.to(device)))
+        segments.append(Segment(cursor, length, mask.to(device), chosen=(prompt, prompt + n_chosen)))
         cursor += length
 
     width = max([0] + [lengths[r] - starts[r] for r in range(n_rows)])
@@ -196,29 +210,50 @@ def pack_rows(
     )
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     packed_row: Optional[PackedRow] = None, **kwargs):
-    """transformers attention function: per-segment SDPA over a packed row, else plain SDPA.
-
-    ``query`` is ``[1, H, L, D]``, ``key``/``value`` ``[1, H_kv, L, D]`` (grouped-query heads are
-    repeated, as transformers' own SDPA path does). Returns ``([1, L, H, D], None)``.
-    """
-    if packed_row is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+def segment_attention(query, key, value, row: PackedRow, dropout: float = 0.0, scaling=None) -> torch.Tensor:
+    """``model.attention=segments``: one SDPA call per segment (causal kernel for a plain segment, the
+    segment's boolean mask for a shared-prompt one). ``query`` [1, H, L, D], ``key``/``value``
+    [1, H_kv, L, D] (grouped-query heads repeated, as transformers' SDPA path does); returns [1, L, H, D]."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     outputs = []
-    for segment in packed_row.segments:
+    for segment in row.segments:
         span = slice(segment.start, segment.start + segment.length)
         outputs.append(F.scaled_dot_product_attention(
             query[:, :, span], key[:, :, span], value[:, :, span], attn_mask=segment.mask, dropout_p=dropout,
             is_causal=segment.mask is None, scale=scaling,
         ))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     packed_row: Optional[PackedRow] = None, **kwargs):
+    """transformers attention function: over a packed row, the segment loop or one FlexAttention call
+    (``packed_row.attention``; :mod:`dpo_zoo.model.flex`), else plain SDPA. Returns ``([1, L, H, D], None)``."""
+    if packed_row is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    mode = flex.resolve(packed_row.attention, query, key, value, packed_row, segment_attention, scaling)
+    if mode == "flex":
+        return flex.flex_attention(query, key, value, packed_row, scaling, dropout), None
+    return segment_attention(query, key, value, packed_row, dropout, scaling), None
+
+
+def set_attention(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Record how ``model``'s packed rows run attention (``model.attention``: auto | segments | flex);
+    returns ``model``."""
+    if mode not in flex.MODES:
+        raise ValueError(f"model.attention must be one of {', '.join(flex.MODES)}, got {mode!r}")
+    causal_lm(model)._dpo_zoo_attention = mode
+    return model
+
+
+def attention_of(model: torch.nn.Module) -> str:
+    """The mode :func:`set_attention` recorded on ``model`` (``auto`` when none was)."""
+    return getattr(causal_lm(model), "_dpo_zoo_attention", "auto")
 
 
 @functools.lru_cache(maxsize=None)

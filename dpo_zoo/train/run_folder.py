@@ -42,7 +42,7 @@ WATCH_ONLY_SETTINGS = ("output_dir", "progress", "log_every", "eval_every", "sav
                        "overwrite", "resume", "report_to", "project", "run_name",
                        "distributed_timeout_s", "health")
 # Model settings that change how the values are computed, not the values (beyond float rounding).
-RUNTIME_ONLY_MODEL_SETTINGS = ("padding_free",)
+RUNTIME_ONLY_MODEL_SETTINGS = ("padding_free", "attention")
 
 
 class RunFolderError(UserError, ValueError):

@@ -45,6 +45,7 @@ from dpo_zoo.losses import Loss, LossOutput, Need, build_loss
 from dpo_zoo.losses.options import soft_update
 from dpo_zoo.train.run_folder import CHECKPOINT_DIR, CONFIG_FILE, FINAL_DIR, LOGS_FILE, finished_run_changes, training_identity
 from dpo_zoo.train.saving import clear_previous_run, resume, save_checkpoint, save_final
+from dpo_zoo.model import packing
 from dpo_zoo.model.sharded_reference import held_bytes, load_partitioned, lockstep_batches, partitioned_reference_wanted
 
 # ==================================================================== setup
@@ -194,7 +195,8 @@ def load_policy(cfg, run: Run):
             source = resolve_model(cfg.model, commit=box[0])
     model_path = source.path
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
+    model = packing.set_attention(load_model(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code),
+                                  cfg.model.attention)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -339,12 +341,13 @@ def build_reference(cfg, policy, model_path: Path, mode: str, device: torch.devi
         # The frozen base weights under the adapter are the reference: no second copy in memory.
         return Reference(mode, policy, policy.disable_adapter)
     if partition:
-        model = load_partitioned(model_path, cfg.train.precision, cfg.model.trust_remote_code)
+        model = packing.set_attention(load_partitioned(model_path, cfg.train.precision, cfg.model.trust_remote_code),
+                                      cfg.model.attention)
         return Reference(mode, model.requires_grad_(False), partitioned=True)
     from dpo_zoo.model.loading import load_model
 
     model = load_model(model_path, dtype=cfg.train.precision, trust_remote_code=cfg.model.trust_remote_code)
-    model.to(device).eval().requires_grad_(False)
+    packing.set_attention(model, cfg.model.attention).to(device).eval().requires_grad_(False)
     return Reference(mode, model)
 
 
