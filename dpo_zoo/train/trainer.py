@@ -207,16 +207,9 @@ def load_policy(cfg, run: Run):
 
         lora = cfg.train.lora
         with peft_wrapping():
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=lora.r,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    target_modules=list(lora.target_modules),
-                    task_type="CAUSAL_LM",
-                ),
-            )
+            adapter = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+            model = get_peft_model(model, adapter)
         if source.from_hub:
             # adapter_config.json then names the base as the Hub knows it (repo and commit), so the
             # adapter loads anywhere with `PeftModel.from_pretrained`, not only beside this snapshot folder.
