@@ -309,6 +309,22 @@ def mean_and_stderr(values: Any) -> Dict[str, float]:
     return {"mean": float(v.mean()), "stderr": stderr, "n": int(v.size)}
 
 
+def clustered_mean_and_stderr(values: Any, cluster_size: int) -> Dict[str, float]:
+    """Mean of ``values`` laid out cluster-major (``cluster_size`` consecutive values per cluster, e.g.
+    the samples of one prompt) and its standard error clustered by cluster: with ``G`` clusters of equal
+    size and cluster means ``m_g``, ``SE = sd(m_g) / √G`` (``ddof = 1``). Samples of one prompt share the
+    prompt, so they are not independent draws; treating them as such understates the SE when prompts
+    differ (the design effect ``1 + (k − 1)ρ``). ``n`` counts the clusters; ``nan`` SE for G < 2."""
+    v = as_array(values, "values")
+    if cluster_size < 1 or v.size % cluster_size:
+        raise ValueError(f"{v.size} values do not split into clusters of {cluster_size}")
+    if v.size == 0:
+        return {"mean": math.nan, "stderr": math.nan, "n": 0, "cluster_means": []}
+    means = v.reshape(-1, cluster_size).mean(axis=1)
+    stderr = float(means.std(ddof=1) / math.sqrt(means.size)) if means.size > 1 else math.nan
+    return {"mean": float(v.mean()), "stderr": stderr, "n": int(means.size), "cluster_means": means.tolist()}
+
+
 def weighted_mean(values: Any, weights: Any = None) -> float:
     """``mean_i(w_i · v_i)``: the trainer's reduction of per-pair losses (w = 1 without weights)."""
     v = as_array(values, "values")

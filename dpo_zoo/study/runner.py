@@ -5,10 +5,10 @@ plus a ``study`` section::
 
     study:
       output_dir: studies/sentiment_frontier
-      seeds: [0, 1, 2]             # train.seed of each run; the same seeds (so the same data order and
-                                   # evaluation draws) for every loss: paired comparisons
+      seeds: [0, 1, 2]             # train.seed of each run; the same seeds (so the same data order)
+                                   # for every loss: paired comparisons
       reward: vader                # the ground truth (dpo_zoo.rewards.scorers spec)
-      eval: {prompts: 32, samples: 4, max_new_tokens: 24, batch_size: 16}
+      eval: {prompts: 32, samples: 4, max_new_tokens: 24, batch_size: 16, seed: 1234}
       losses:                      # one curve each
         - {label: dpo, loss: dpo, knob: beta, values: [0.05, 0.1, 0.5]}
         - {label: h_dpo, loss: h_dpo, knob: alpha, values: [0.8, 0.9], hparams: {beta: 0.1}}
@@ -23,7 +23,11 @@ study, run again, trains and evaluates only what is missing.
 
 **Evaluation of one run** on ``eval.prompts`` held-out prompts (spread through the held-out set),
 ``eval.samples`` continuations each, sampled from the policy at temperature 1 (what KL(π‖π_ref) is an
-expectation over) with seed = the run's seed:
+expectation over) with the evaluation seed ``eval.seed``, the same for every run and apart from the
+training seed: every run is measured on the same prompts with the same random stream (common random
+numbers), so the evaluation noise of a paired difference largely cancels, and the evaluation of a
+seed is not correlated with the data order that seed trained on. Standard errors are clustered by
+prompt (the samples of one prompt are not independent draws: ``SE = sd(prompt means)/√prompts``):
 
 * ``reward`` (± ``reward_se``): the mean ground-truth reward of the continuations;
 * ``kl_rb`` / ``kl_mc`` (± SE): the per-sequence KL(π‖π_ref), Rao–Blackwellized (the exact KL of each
@@ -35,7 +39,8 @@ expectation over) with seed = the run's seed:
   Li et al. 2016), ``reward_length_corr`` (Pearson r between reward and length of the continuations);
 * ``accuracy``: the held-out preference accuracy the trainer measured (``eval_rewards/accuracies``).
 
-The reference model itself is evaluated once per seed (label ``reference``): the common origin (KL 0).
+The reference model itself is evaluated once (label ``reference``, one record per seed so that every
+seed's curve starts there): the common origin (KL 0).
 
 Outputs in ``output_dir``: ``runs.json`` / ``runs.csv`` (every run), ``summary.json`` (mean, SD and 95%
 CI over seeds of each metric per curve and value, and the study's settings and command),
@@ -66,7 +71,11 @@ STUDY_DEFAULTS: Dict[str, Any] = {
     "output_dir": "studies/default",
     "seeds": [0, 1, 2],
     "reward": "vader",
-    "eval": {"prompts": 32, "samples": 4, "max_new_tokens": 24, "batch_size": 16},
+    # seed: the evaluation's sampling seed, one for every run (common random numbers: every run and the
+    # reference are evaluated on the same prompts with the same random stream), apart from train.seed;
+    # `train` samples with each run's training seed instead (the behaviour before v2, so that the
+    # studies published with it reproduce).
+    "eval": {"prompts": 32, "samples": 4, "max_new_tokens": 24, "batch_size": 16, "seed": 1234},
     "losses": [],
     "claims": [],
     "progress": True,
@@ -75,7 +84,7 @@ METRICS = ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "disti
            "reward_length_corr", "accuracy")
 EVAL_FILE = "study_eval.json"
 TRAIN_TIME_FILE = "study_train.json"  # the time a run took to train, kept for the sittings that reuse it
-EVAL_FORMAT = "dpo_zoo.study_eval.v1"
+EVAL_FORMAT = "dpo_zoo.study_eval.v2"  # v2: the evaluation seed apart from train.seed; SEs clustered by prompt
 
 
 @dataclass
@@ -142,9 +151,11 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
     for key in sorted(set(settings["eval"]) - set(STUDY_DEFAULTS["eval"])):
         errors.append(f"{path}: `study.eval.{key}`: unknown key (known: {', '.join(STUDY_DEFAULTS['eval'])})")
     for key in STUDY_DEFAULTS["eval"]:
-        value = settings["eval"].get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            errors.append(f"{path}: `study.eval.{key}`: expected an integer >= 1, got {value!r}")
+        value, least = settings["eval"].get(key), 0 if key == "seed" else 1
+        if key == "seed" and value == "train":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            errors.append(f"{path}: `study.eval.{key}`: expected an integer >= {least}, got {value!r}")
     seeds = settings["seeds"]
     if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) \
             or len(set(seeds)) != len(seeds):
@@ -322,12 +333,15 @@ class Evaluator:
                 "reward": self.reward.identity}
 
     def reference(self, seed: int) -> Dict[str, Any]:
+        """The reference's own evaluation, the origin of every curve (KL 0). The evaluation seed does not
+        depend on the training seed, so it is measured once and stands beside every seed's runs."""
         from dpo_zoo.model.loading import resolve_model
 
         folder = resolve_model(self.cfg.model).path
-        out = self.study.output_dir / "reference" / f"seed{seed}"
+        per_seed = self.settings["seed"] == "train"
+        out = self.study.output_dir / "reference" / (f"seed{seed}" if per_seed else "")
         model = self.bases.get(folder)
-        record = self._cached(out, self.inputs(None) | {"seed": seed, "model": str(folder)},
+        record = self._cached(out, self.inputs(None) | {"model": str(folder)} | ({"seed": seed} if per_seed else {}),
                               lambda: self._measure(model, model, folder, seed))
         record["accuracy"] = math.nan  # the reference's implicit reward margin is 0 on every pair
         return {"label": REFERENCE_LABEL, "loss": None, "knob": None, "strength": None, "seed": seed,
@@ -338,7 +352,7 @@ class Evaluator:
 
         run_file = folder / "run.json"
         subject = open_subject(str(folder), cfg, None)
-        record = self._cached(folder, self.inputs(run_file) | {"seed": seed},
+        record = self._cached(folder, self.inputs(run_file),
                               lambda: self._measure(load_policy(subject, cfg, self.device),
                                                     self.bases.get(subject.base_model), subject.base_model, seed))
         metrics = json.loads(run_file.read_text()).get("metrics", {})
@@ -363,14 +377,15 @@ class Evaluator:
         tmp.replace(path)
         return metrics
 
-    def _measure(self, policy, reference, tokenizer_folder: Path, seed: int) -> Dict[str, Any]:
+    def _measure(self, policy, reference, tokenizer_folder: Path, train_seed: int) -> Dict[str, Any]:
         from dpo_zoo.compare.drift import kl_samples, summarize_kl
 
         tokenizer = self.tokenizer(tokenizer_folder)
         s = self.settings
         samples = kl_samples(policy, reference, self.prompts, n_samples=int(s["samples"]),
                              max_new_tokens=int(s["max_new_tokens"]), eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, batch_size=int(s["batch_size"]), seed=seed,
+                             pad_token_id=tokenizer.pad_token_id, batch_size=int(s["batch_size"]),
+                             seed=train_seed if s["seed"] == "train" else int(s["seed"]),
                              device=self.device, progress=bool(self.study.settings["progress"]), desc="eval")
         prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in self.prompts for _ in range(int(s["samples"]))]
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in samples["completions"]]
@@ -379,20 +394,26 @@ class Evaluator:
 
             self.reward.set_baselines(*chosen_baselines(self.heldout, len(self.prompts), tokenizer))
         rewards = self.reward(prompt_texts, texts)
-        return measure_samples(samples, summarize_kl(samples), rewards, texts)
+        return measure_samples(samples, summarize_kl(samples), rewards, texts, int(s["samples"]))
 
 
-def measure_samples(samples: Dict[str, Any], kl: Dict[str, Any], rewards: np.ndarray, texts: Sequence[str]) -> Dict[str, Any]:
-    """The per-run metrics (module doc) from the KL samples, their rewards and decoded texts."""
+def measure_samples(samples: Dict[str, Any], kl: Dict[str, Any], rewards: np.ndarray, texts: Sequence[str],
+                    samples_per_prompt: int = 1) -> Dict[str, Any]:
+    """The per-run metrics (module doc) from the KL samples (prompt-major, ``samples_per_prompt`` per
+    prompt), their rewards and decoded texts. Standard errors are clustered by prompt; the per-prompt
+    means of reward and KL are kept (``prompt_reward``, ``prompt_kl_rb``) for analyses paired by prompt."""
     from dpo_zoo.metrics import functions as M
 
-    reward = M.mean_and_stderr(rewards)
+    reward = M.clustered_mean_and_stderr(rewards, samples_per_prompt)
+    rb = M.clustered_mean_and_stderr(samples["rb"], samples_per_prompt)
+    mc = M.clustered_mean_and_stderr(samples["mc"], samples_per_prompt)
     lengths = np.asarray(samples["tokens"], dtype=np.float64)
     corr = M.pearson(rewards, lengths)  # NaN when either side is constant
     return {
         "reward": reward["mean"], "reward_se": reward["stderr"],
-        "kl_rb": kl["rb"], "kl_rb_se": kl["rb_stderr"], "kl_mc": kl["mc"], "kl_mc_se": kl["mc_stderr"],
-        "rb_below_mc": bool(kl["rb_stderr"] < kl["mc_stderr"]) if kl["n_samples"] > 1 else None,
+        "kl_rb": rb["mean"], "kl_rb_se": rb["stderr"], "kl_mc": mc["mean"], "kl_mc_se": mc["stderr"],
+        "rb_below_mc": bool(rb["stderr"] < mc["stderr"]) if rb["n"] > 1 else None,
+        "prompt_reward": reward["cluster_means"], "prompt_kl_rb": rb["cluster_means"],
         "entropy_per_token": kl["entropy_per_token"], "mean_length": kl["mean_length"],
         "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
         "reward_length_corr": corr, "n_samples": kl["n_samples"],
