@@ -315,9 +315,13 @@ def study_markdown() -> str:
     from dpo_zoo.rewards import scorers as rewards
     from dpo_zoo.study import runner as study
     from dpo_zoo.study import results as study_results
+    from dpo_zoo.study import stats as study_stats
+    from dpo_zoo.study import verdicts as study_verdicts
 
     return "\n".join(["# Which loss is better: `dpo-zoo study`", "", GENERATED, "", study.__doc__.strip(), "",
-                      "## The claims table", "", study_results.__doc__.strip(), "", "## Rewards", "",
+                      "## The claims and their verdicts", "", study_verdicts.__doc__.strip(), "",
+                      "### The statistics", "", study_stats.__doc__.strip(), "",
+                      "### The claims table", "", study_results.__doc__.strip(), "", "## Rewards", "",
                       rewards.__doc__.strip()]) + "\n"
 
 

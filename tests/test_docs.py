@@ -76,4 +76,4 @@ def test_results_md_regenerates_from_its_summaries_to_the_same_bytes(tmp_path):
     for claim in ("SamPO", "H-DPO", "Rao–Kupper", "Davidson", "forward KL", "Jensen–Shannon", "IS-DAA", "Ra-DPO",
                   "TDPO", "DPO: higher β"):
         row = next(line for line in text.splitlines() if line.startswith("| ") and claim in line.split(" | ")[0])
-        assert re.search(r"\*\*(reproduced|not reproduced|inconclusive at this scale)\*\*", row), claim
+        assert re.search(r"\*\*(reproduced|not reproduced|equivalent|inconclusive)\*\*", row), claim

@@ -1,31 +1,9 @@
 """The claims table (``docs/results.md``), generated from a study's ``summary.json``, never typed by hand.
 
-Each claim is declared in the study file (``study.claims``), so no code here knows a loss by name::
-
-    - id: sampo_length
-      claim: "SamPO: lower reward–length correlation than DPO at matched KL"
-      compare: matched_kl           # matched_kl | same_strength | monotone
-      treatment: sampo              # curve labels of study.losses
-      baseline: dpo                 # (not used by monotone)
-      metrics: [{metric: reward_length_corr, expect: lower}]
-      report: [accuracy]            # shown beside the effect, not part of the verdict
-
-How each comparison is made, per seed (the same seeds, data order and evaluation draws for every
-curve, so the comparisons are paired), then summarised over seeds as mean ± 95% t interval:
-
-* ``same_strength``: treatment − baseline at each strength value both curves have, averaged over those
-  values; the mean KL (RB) of both is reported beside the effect;
-* ``matched_kl``: each curve of that seed as metric against KL (RB), sorted by KL and linearly
-  interpolated; the difference is averaged over 5 evenly spaced KLs of the range both curves cover.
-  A seed where the ranges do not overlap gives no value;
-* ``monotone``: the treatment curve alone, strengths in increasing order: the change of each metric
-  from one value to the next.
-
-Verdict per metric: *reproduced* when the 95% interval of the paired difference lies on the expected
-side of 0 (``expect: lower`` → entirely below 0; for ``monotone``, every step's interval); *not
-reproduced* when an interval lies entirely on the other side; otherwise *inconclusive at this scale*
-(also with fewer than 2 seeds with a value). A claim is reproduced when all its metrics are, not
-reproduced when any is not, else inconclusive.
+How claims are declared, paired, tested and decided: :mod:`dpo_zoo.study.verdicts` (module doc). This
+module renders them: per study its settings, the claims table (verdict, the cell that decides it, each
+cell's paired difference with its 95% t interval, p-value and Holm-adjusted p-value, and for an
+undecided claim the seeds that would decide it), the frontier and the checks.
 """
 
 from __future__ import annotations
@@ -38,11 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dpo_zoo.errors import StudyError
-
-REFERENCE_LABEL = "reference"  # the reference model's own evaluation in a study's runs (KL 0)
-# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the normal 1.96).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+from dpo_zoo.study import verdicts as V
+from dpo_zoo.study.stats import t_ppf
+from dpo_zoo.study.verdicts import (  # noqa: F401  (re-exported: the names the runner and users import)
+    ALPHA, EQUIVALENT, INCONCLUSIVE, KL_METRIC, MIN_SEEDS, NOT_REPRODUCED, REFERENCE_LABEL, REPRODUCED,
+    check_claims, evaluate_claim, evaluate_claims)
 
 
 def ci95(values: Sequence[float]) -> Dict[str, float]:
@@ -52,129 +30,7 @@ def ci95(values: Sequence[float]) -> Dict[str, float]:
     if n == 0:
         return {"mean": math.nan, "sd": math.nan, "ci95": math.nan, "n": 0}
     sd = float(v.std(ddof=1)) if n > 1 else math.nan
-    t = T975[n - 2] if 2 <= n <= 31 else 1.96
-    return {"mean": float(v.mean()), "sd": sd, "ci95": t * sd / math.sqrt(n) if n > 1 else math.nan, "n": n}
-
-
-
-COMPARISONS = ("matched_kl", "same_strength", "monotone")
-EXPECT = ("lower", "higher")
-KL_METRIC = "kl_rb"
-MATCH_POINTS = 5
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive at this scale"
-
-
-def check_claims(claims: Any, labels: Sequence[str], metrics: Sequence[str]) -> List[str]:
-    """Problems of a ``study.claims`` list (each named by its index and key); empty when it is usable."""
-    if not isinstance(claims, list):
-        return [f"`study.claims`: expected a list, got {claims!r}"]
-    errors = []
-    for i, claim in enumerate(claims):
-        where = f"`study.claims[{i}]`"
-        if not isinstance(claim, dict):
-            errors.append(f"{where}: expected a mapping")
-            continue
-        for key in ("id", "claim", "compare", "treatment", "metrics"):
-            if key not in claim:
-                errors.append(f"{where}: missing `{key}`")
-        if claim.get("compare") not in COMPARISONS:
-            errors.append(f"{where}.compare: {claim.get('compare')!r} is not one of {', '.join(COMPARISONS)}")
-        sides = ["treatment"] + ([] if claim.get("compare") == "monotone" else ["baseline"])
-        for side in sides:
-            if claim.get(side) not in labels:
-                errors.append(f"{where}.{side}: {claim.get(side)!r} is not a curve label ({', '.join(labels)})")
-        for j, m in enumerate(claim.get("metrics") or []):
-            if not isinstance(m, dict) or m.get("metric") not in metrics or m.get("expect") not in EXPECT:
-                errors.append(f"{where}.metrics[{j}]: expected {{metric: one of {', '.join(metrics)}, expect: lower|higher}}, got {m!r}")
-        for m in claim.get("report") or []:
-            if m not in metrics:
-                errors.append(f"{where}.report: {m!r} is not a metric ({', '.join(metrics)})")
-    return errors
-
-
-def _by_seed(runs: Sequence[Dict[str, Any]], label: str) -> Dict[int, List[Dict[str, Any]]]:
-    out: Dict[int, List[Dict[str, Any]]] = {}
-    for r in runs:
-        if r["label"] == label:
-            out.setdefault(r["seed"], []).append(r)
-    return out
-
-
-def _value(run: Dict[str, Any], metric: str) -> float:
-    v = run.get(metric)
-    return math.nan if v is None else float(v)
-
-
-def _strength_key(value: Any) -> Tuple[int, Any]:
-    return (0, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, str(value))
-
-
-def paired_same_strength(runs, treatment: str, baseline: str, metric: str) -> Dict[int, float]:
-    out = {}
-    base = _by_seed(runs, baseline)
-    for seed, mine in _by_seed(runs, treatment).items():
-        theirs = {json.dumps(r["strength"]): r for r in base.get(seed, [])}
-        diffs = [_value(r, metric) - _value(theirs[json.dumps(r["strength"])], metric)
-                 for r in mine if json.dumps(r["strength"]) in theirs]
-        diffs = [d for d in diffs if not math.isnan(d)]
-        if diffs:
-            out[seed] = float(np.mean(diffs))
-    return out
-
-
-def _curve(points: Sequence[Dict[str, Any]], metric: str) -> Tuple[np.ndarray, np.ndarray]:
-    pairs = sorted((_value(p, KL_METRIC), _value(p, metric)) for p in points)
-    pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
-    return np.array([x for x, _ in pairs]), np.array([y for _, y in pairs])
-
-
-def paired_matched_kl(runs, treatment: str, baseline: str, metric: str) -> Dict[int, float]:
-    out = {}
-    base = _by_seed(runs, baseline)
-    for seed, mine in _by_seed(runs, treatment).items():
-        x1, y1 = _curve(mine, metric)
-        x2, y2 = _curve(base.get(seed, []), metric)
-        if len(x1) < 2 or len(x2) < 2:
-            continue
-        low, high = max(x1[0], x2[0]), min(x1[-1], x2[-1])
-        if not low < high:
-            continue
-        grid = np.linspace(low, high, MATCH_POINTS)
-        out[seed] = float(np.mean(np.interp(grid, x1, y1) - np.interp(grid, x2, y2)))
-    return out
-
-
-def monotone_steps(runs, treatment: str, metric: str) -> List[Tuple[Any, Any, Dict[int, float]]]:
-    """(from value, to value, {seed: change}) for each step of increasing strength."""
-    by_seed = _by_seed(runs, treatment)
-    values = sorted({json.dumps(r["strength"]) for r in runs if r["label"] == treatment},
-                    key=lambda v: _strength_key(json.loads(v)))
-    steps = []
-    for a, b in zip(values, values[1:]):
-        changes = {}
-        for seed, members in by_seed.items():
-            at = {json.dumps(r["strength"]): r for r in members}
-            if a in at and b in at:
-                d = _value(at[b], metric) - _value(at[a], metric)
-                if not math.isnan(d):
-                    changes[seed] = d
-        steps.append((json.loads(a), json.loads(b), changes))
-    return steps
-
-
-def verdict_of(stat: Dict[str, float], expect: str) -> str:
-    if stat["n"] < 2 or math.isnan(stat["ci95"]):
-        return INCONCLUSIVE
-    low, high = stat["mean"] - stat["ci95"], stat["mean"] + stat["ci95"]
-    if expect == "lower":
-        return REPRODUCED if high < 0 else NOT_REPRODUCED if low > 0 else INCONCLUSIVE
-    return REPRODUCED if low > 0 else NOT_REPRODUCED if high < 0 else INCONCLUSIVE
-
-
-def combine(verdicts: Sequence[str]) -> str:
-    if verdicts and all(v == REPRODUCED for v in verdicts):
-        return REPRODUCED
-    return NOT_REPRODUCED if NOT_REPRODUCED in verdicts else INCONCLUSIVE
+    return {"mean": float(v.mean()), "sd": sd, "ci95": t_ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan, "n": n}
 
 
 def _num(x: float) -> str:
@@ -238,42 +94,75 @@ def checks_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def evaluate_claim(claim: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The verdict and the numbers of one claim (module doc)."""
-    kind, treatment, baseline = claim["compare"], claim["treatment"], claim.get("baseline")
-    parts, verdicts, seeds = [], [], set()
-    for m in claim["metrics"]:
-        metric, expect = m["metric"], m["expect"]
-        if kind == "monotone":
-            step_verdicts = []
-            steps = monotone_steps(runs, treatment, metric)
-            for a, b, changes in steps:
-                stat = ci95(list(changes.values()))
-                seeds |= set(changes)
-                step_verdicts.append(verdict_of(stat, expect))
-                parts.append(f"Δ{metric} {a}→{b}: {_stat(stat)}")
-            if len(steps) > 1:  # the whole grid at once, beside the steps (not part of the verdict)
-                first, last = steps[0][0], steps[-1][1]
-                whole = monotone_steps([r for r in runs if r["label"] == treatment and r["strength"] in (first, last)],
-                                       treatment, metric)
-                parts.append(f"Δ{metric} {first}→{last} (whole grid): {_stat(ci95(list(whole[0][2].values())))}")
-            verdicts.append(combine(step_verdicts) if step_verdicts else INCONCLUSIVE)
-        else:
-            paired = (paired_matched_kl if kind == "matched_kl" else paired_same_strength)(runs, treatment, baseline, metric)
-            stat = ci95(list(paired.values()))
-            seeds |= set(paired)
-            verdicts.append(verdict_of(stat, expect))
-            parts.append(f"{metric} {treatment} − {baseline}: {_stat(stat)} (expected {expect})")
-    extra = []
-    if kind != "monotone":
+def _p(p: float) -> str:
+    return "–" if _is_missing(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def cell_line(cell: "V.Cell") -> str:
+    """One cell: where, the paired difference ± 95% half-width (n, p, Holm-adjusted p), and its verdict
+    (or the seeds that would decide it)."""
+    line = f"{cell.where}: {_stat(cell.stat)}"
+    if not cell.decides:
+        return line + " (a step of the grid: shown, not tested)"
+    if cell.stat["n"] < MIN_SEEDS:
+        return line + f" → {INCONCLUSIVE} (fewer than {MIN_SEEDS} paired seeds)"
+    line = line[:-1] + f", p {_p(cell.stat['p'])}, Holm {_p(cell.p_holm)}; TOST ±{cell.margin:g}: Holm {_p(cell.p_equivalent_holm)})"
+    verdict = f"equivalent within ±{cell.margin:g}" if cell.verdict == EQUIVALENT else cell.verdict
+    needed = cell.needed or {}
+    if cell.verdict == INCONCLUSIVE:
+        options = [f"{n} seeds to {kind}" for kind, n in (("differ", needed.get("difference")),
+                                                          ("be equivalent", needed.get("equivalence"))) if n]
+        verdict += " (would need about " + " or ".join(options) + ")" if options else " (no number of seeds would decide it at this effect and SD)"
+    return f"{line} → {verdict}"
+
+
+def _difference(claim: Dict[str, Any], metric: str) -> str:
+    baseline = claim.get("baseline")
+    return f"{metric} {claim['treatment']} − {baseline}" if baseline else f"Δ{metric} ({claim['treatment']}, low → high strength)"
+
+
+def headline(claim: Dict[str, Any], result: Dict[str, Any]) -> List[str]:
+    """Per metric, the cell that decides it (else the pooled or only cell): the table's numbers."""
+    lines = []
+    for spec in claim["metrics"]:
+        metric = spec["metric"]
+        cells = [c for c in result["cells"] if c.metric == metric and c.decides]
+        chosen = next((c for c in cells if c.where == result["decided_by"].get(metric)), None) \
+            or next((c for c in cells if c.where == "pooled"), cells[0] if cells else None)
+        if chosen is not None:
+            lines.append(f"{_difference(claim, metric)}, {cell_line(chosen)}")
+    return lines
+
+
+def claim_details(claim: Dict[str, Any], result: Dict[str, Any], runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """Every cell of one claim, then the metrics reported beside it (not part of the verdict)."""
+    treatment, baseline = claim["treatment"], claim.get("baseline")
+    parts = []
+    for spec in claim["metrics"]:
+        parts.append(f"  - {_difference(claim, spec['metric'])}: {result['each'][spec['metric']]}")
+        parts += [f"    - {cell_line(c)}" for c in result["cells"] if c.metric == spec["metric"]]
+    if claim["compare"] != "monotone":
         judged = {m["metric"] for m in claim["metrics"]}
-        beside = [KL_METRIC] * (kind == "same_strength") + list(claim.get("report") or [])
+        beside = [KL_METRIC] * (claim["compare"] == "same_strength") + list(claim.get("report") or [])
         for metric in [m for m in dict.fromkeys(beside) if m not in judged]:  # each number once
-            stat = ci95(list(paired_same_strength(runs, treatment, baseline, metric).values()))
-            extra.append(f"{metric} {treatment} − {baseline} (same strength): {_stat(stat)}")
-    each = {m["metric"]: v for m, v in zip(claim["metrics"], verdicts)}
-    return {"id": claim["id"], "claim": claim["claim"], "compare": kind, "verdict": combine(verdicts), "each": each,
-            "numbers": parts + extra, "seeds": sorted(seeds)}
+            stat = ci95(list(V.pooled(V.same_strength_cells(runs, treatment, baseline, metric)).values()))
+            parts.append(f"  - beside (not tested): {metric} {treatment} − {baseline}, same strength, pooled: {_stat(stat)}")
+    return parts
+
+
+def _verdict_text(result: Dict[str, Any]) -> str:
+    text = f"**{result['verdict']}**"
+    if len(result["each"]) > 1:
+        text += " (" + "; ".join(f"{m}: {v}" for m, v in result["each"].items()) + ")"
+    if result["verdict"] == INCONCLUSIVE:
+        text += (f"; would need about {result['seeds_needed']} paired seeds" if result["seeds_needed"]
+                 else "; no number of seeds would decide it at the observed effects")
+    return text
+
+
+def _decided_by(result: Dict[str, Any]) -> str:
+    cells = [f"{m}: {w}" if len(result["decided_by"]) > 1 else w for m, w in result["decided_by"].items() if w]
+    return "; ".join(cells) or "–"
 
 
 def render_results(summary: Dict[str, Any], source: str, picture: str = "frontier.png") -> str:
@@ -302,35 +191,45 @@ def render_studies(studies: Sequence[Tuple[Dict[str, Any], str, str]]) -> str:
 def study_section(summary: Dict[str, Any], source: str, picture: str, heading: str) -> List[str]:
     settings = summary["settings"]
     runs = [r for r in summary["runs"] if r["label"] != REFERENCE_LABEL]
+    results = evaluate_claims(settings.get("claims", []), summary["runs"])
+    family = sum(1 for r in results for c in r["cells"] if c.decides and c.stat["n"] >= MIN_SEEDS)
     experiment = summary.get("experiment", {})
     train = experiment.get("train", {})
     lines = [
         "",
         f"- study: `{summary['study_file']}` ({source}); command: `{summary['command']}`",
         f"- model: `{experiment.get('model', {}).get('name_or_path', 'smollm2-135m-instruct')}`; "
-        f"train steps: {train.get('max_steps', 'default')}; LoRA: {train.get('lora', {}).get('enabled', False)}",
+        + (f"epochs: {train['epochs']}" if train.get("epochs") else f"train steps: {train.get('max_steps', 'default')}")
+        + f"; LoRA: {train.get('lora', {}).get('enabled', False)}",
     ]
     data = summary.get("data") or {}
     if data:
         lines.append("- data: " + "; ".join(f"{split} {c['pairs']} pairs ({c['ties']} ties)" for split, c in data.items()))
     lines += [
         f"- reward: `{settings['reward']}`; evaluation: {settings['eval']['prompts']} held-out prompts × "
-        f"{settings['eval']['samples']} samples, ≤ {settings['eval']['max_new_tokens']} new tokens",
+        f"{settings['eval']['samples']} samples, ≤ {settings['eval']['max_new_tokens']} new tokens; "
+        + (f"sampling seed {settings['eval']['seed']} for every run (common random numbers)"
+           if settings["eval"].get("seed", "train") != "train" else "sampling seed: each run's training seed"),
         f"- seeds: {settings['seeds']} (paired: the same seeds for every loss); runs: {len(runs)}",
-        "- numbers: paired difference treatment − baseline, mean ± 95% t interval over seeds (n = seeds)",
+        "- numbers: per cell (a strength, the pooled strengths, matched KL or the whole grid), the paired "
+        "difference treatment − baseline over seeds, mean ± 95% t interval (n = paired seeds), its p-value and "
+        f"the Holm-adjusted one; the family: {family} tested cells of this study's {len(settings.get('claims', []))} "
+        f"claims, family-wise error ≤ {ALPHA:g}; TOST: equivalence within the margin ±δ",
         "",
-        "| claim | verdict | comparison | numbers | seeds |",
-        "|---|---|---|---|---|",
+        "| claim | verdict | comparison | decided by | numbers | seeds |",
+        "|---|---|---|---|---|---|",
     ]
-    for claim in settings.get("claims", []):
-        result = evaluate_claim(claim, runs)
-        numbers = "<br>".join(result["numbers"]).replace("|", "\\|")
-        each = ""
-        if len(result["each"]) > 1:
-            each = " (" + "; ".join(f"{metric}: {verdict}" for metric, verdict in result["each"].items()) + ")"
-        lines.append(f"| {result['claim']} | **{result['verdict']}**{each} | {result['compare']} | {numbers} | "
-                     f"{', '.join(map(str, result['seeds'])) or '–'} |")
-    lines += ["", "How the comparisons and verdicts are made: `dpo_zoo/study/results.py` (module docstring).",
+    claims = settings.get("claims", [])
+    for claim, result in zip(claims, results):
+        numbers = "<br>".join(headline(claim, result)).replace("|", "\\|")
+        lines.append(f"| {result['claim']} | {_verdict_text(result)} | {result['compare']} | {_decided_by(result)} | "
+                     f"{numbers} | {len(result['seeds'])} |")
+    if claims:
+        lines += ["", f"{heading} Every cell of every claim", ""]
+        for claim, result in zip(claims, results):
+            lines += [f"- `{claim['id']}`: {result['claim']} — **{result['verdict']}**",
+                      *claim_details(claim, result, summary["runs"])]
+    lines += ["", "How the comparisons and verdicts are made: `dpo_zoo/study/verdicts.py` (module docstring).",
               "", f"{heading} The frontier", "",
               f"![reward–KL frontier]({picture})", "",
               "Mean ± 95% t interval over seeds; KL per sequence in nats.", "",
