@@ -63,6 +63,9 @@ def frontier_figure(rows: Sequence[Dict[str, Any]], runs: Optional[Sequence[Dict
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    from matplotlib import patheffects
+
+    halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]  # labels stay legible over lines
     runs = list(runs or [])
     figure, axes = plt.subplots(figsize=(10, 6), dpi=110)
     reference = [r for r in rows if r["label"] == REFERENCE_LABEL]
@@ -101,8 +104,8 @@ def frontier_figure(rows: Sequence[Dict[str, Any]], runs: Optional[Sequence[Dict
                           marker="o", markersize=6.5, markeredgecolor="white", markeredgewidth=0.8, color=colour,
                           linestyle="none", elinewidth=1.0, capsize=2.5, zorder=4)
             for r, (xi, yi) in shown:
-                axes.annotate(f"{r['strength']}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7.5,
-                              color=colour, zorder=5)
+                axes.annotate(f"{r['strength']}", (xi, yi), textcoords="offset points", xytext=(6, 5), fontsize=7.5,
+                              color=colour, zorder=5, path_effects=halo)
         drawn_x += [p[0] for p in cloud] + [m[0] for _, m in shown]
         knob = finals[0].get("knob") if finals else None
         handles.append(Line2D([], [], color=colour, linewidth=2.6, marker="o", markeredgecolor="white",
@@ -132,7 +135,7 @@ def _kl_axis(axes, xs: Sequence[float]) -> None:
     right = max(positive) if positive else 1.0
     if positive and right / positive[0] > SYMLOG_SPAN:
         threshold = 10 ** math.floor(math.log10(positive[0]))
-        axes.set_xscale("symlog", linthresh=threshold, linscale=0.5)
+        axes.set_xscale("symlog", linthresh=threshold, linscale=0.3)
         axes.set_xlim(-0.3 * threshold, right * 1.5)
     else:
         axes.set_xlim(-0.03 * right, right * 1.06)
