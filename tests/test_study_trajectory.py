@@ -129,7 +129,9 @@ def test_an_exported_checkpoint_holds_the_weights_of_that_step(tiny_prepared, tm
     assert json.loads((out / "run.json").read_text())["steps"] == 2
     # A changed checkpoint file is refused, naming it; nothing is exported from it.
     states = tmp_path / "long" / "checkpoints" / "step-0000002" / "mp_rank_00_model_states.pt"
-    states.write_bytes(states.read_bytes()[:-1] + b"\0")
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: sha256 differs"):
         export_checkpoint(tmp_path / "long", states.parent, tmp_path / "export2")
     assert not (tmp_path / "export2").exists()
