@@ -13,6 +13,8 @@ plus a ``study`` section::
         - {label: dpo, loss: dpo, knob: beta, values: [0.05, 0.1, 0.5]}
         - {label: h_dpo, loss: h_dpo, knob: alpha, values: [0.8, 0.9], hparams: {beta: 0.1}}
       claims: [...]                # read by dpo_zoo.study.results (docs/results.md)
+      eval_every: 0                # N > 0: also evaluate each run's checkpoint every N steps, a
+                                   # trajectory per run (dpo_zoo.study.trajectory)
 
 ``knob`` names the loss hyperparameter that sets its strength (β, or the loss's own: H-DPO's α, f-DPO's
 divergence); the study never asks which loss it runs. Every (curve, value, seed) is trained by the normal
@@ -44,8 +46,13 @@ seed's curve starts there): the common origin (KL 0).
 
 Outputs in ``output_dir``: ``runs.json`` / ``runs.csv`` (every run), ``summary.json`` (mean, SD and 95%
 CI over seeds of each metric per curve and value, and the study's settings and command),
-``summary.md``, ``results.md`` (the claims of ``study.claims``: :mod:`dpo_zoo.study.results`), ``frontier.png`` (reward against KL, one curve per loss, a point per value, ±1 SE bars
-over seeds) and ``report.html`` (both, self-contained).
+``summary.md``, ``results.md`` (the claims of ``study.claims``: :mod:`dpo_zoo.study.results`),
+``frontier.png`` (:mod:`dpo_zoo.study.plot`: reward against KL as the DPO paper draws it — the
+reference at the origin, each run's trajectory through its checkpoints, each curve's envelope, the
+final points' means ±1 SE over seeds labelled with their strength) and ``report.html`` (the picture and
+the table, self-contained). With ``study.eval_every`` each run record has ``"step"`` (its last step)
+and ``"trajectory"`` (its checkpoints' evaluations, :mod:`dpo_zoo.study.trajectory`), and
+``trajectory.csv`` lists every evaluated point.
 """
 
 from __future__ import annotations
