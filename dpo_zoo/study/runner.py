@@ -13,6 +13,8 @@ plus a ``study`` section::
         - {label: dpo, loss: dpo, knob: beta, values: [0.05, 0.1, 0.5]}
         - {label: h_dpo, loss: h_dpo, knob: alpha, values: [0.8, 0.9], hparams: {beta: 0.1}}
       claims: [...]                # read by dpo_zoo.study.results (docs/results.md)
+      eval_every: 0                # N > 0: also evaluate each run's checkpoint every N steps, a
+                                   # trajectory per run (dpo_zoo.study.trajectory)
 
 ``knob`` names the loss hyperparameter that sets its strength (β, or the loss's own: H-DPO's α, f-DPO's
 divergence); the study never asks which loss it runs. Every (curve, value, seed) is trained by the normal
@@ -44,8 +46,13 @@ seed's curve starts there): the common origin (KL 0).
 
 Outputs in ``output_dir``: ``runs.json`` / ``runs.csv`` (every run), ``summary.json`` (mean, SD and 95%
 CI over seeds of each metric per curve and value, and the study's settings and command),
-``summary.md``, ``results.md`` (the claims of ``study.claims``: :mod:`dpo_zoo.study.results`), ``frontier.png`` (reward against KL, one curve per loss, a point per value, ±1 SE bars
-over seeds) and ``report.html`` (both, self-contained).
+``summary.md``, ``results.md`` (the claims of ``study.claims``: :mod:`dpo_zoo.study.results`),
+``frontier.png`` (:mod:`dpo_zoo.study.plot`: reward against KL as the DPO paper draws it — the
+reference at the origin, each run's trajectory through its checkpoints, each curve's envelope, the
+final points' means ±1 SE over seeds labelled with their strength) and ``report.html`` (the picture and
+the table, self-contained). With ``study.eval_every`` each run record has ``"step"`` (its last step)
+and ``"trajectory"`` (its checkpoints' evaluations, :mod:`dpo_zoo.study.trajectory`), and
+``trajectory.csv`` lists every evaluated point.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ import numpy as np
 
 from dpo_zoo.config import ConfigError, load_config, read_yaml
 from dpo_zoo.errors import StudyError
+from dpo_zoo.study import trajectory
+from dpo_zoo.study.plot import plot_frontier, write_html
 from dpo_zoo.study.results import REFERENCE_LABEL, check_claims, ci95, summary_table, write_results
 
 STUDY_DEFAULTS: Dict[str, Any] = {
@@ -78,6 +87,7 @@ STUDY_DEFAULTS: Dict[str, Any] = {
     "eval": {"prompts": 32, "samples": 4, "max_new_tokens": 24, "batch_size": 16, "seed": 1234},
     "losses": [],
     "claims": [],
+    "eval_every": 0,  # evaluate each run's checkpoints every this many steps too (dpo_zoo/study/trajectory.py)
     "progress": True,
 }
 METRICS = ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2", "mean_length",
@@ -162,6 +172,7 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
         errors.append(f"{path}: `study.seeds`: expected a list of distinct integers, got {seeds!r}")
     if not isinstance(settings["reward"], str) or not settings["reward"]:
         errors.append(f"{path}: `study.reward`: expected a reward spec (vader, a model folder, module:function)")
+    errors += trajectory.check_setting(str(path), settings["eval_every"])
     curves = _curves(path, settings["losses"], errors)
     errors += [f"{path}: {e}" for e in check_claims(settings["claims"], [c.label for c in curves], METRICS)]
     if errors:
@@ -244,7 +255,7 @@ def run_study(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     evaluator = Evaluator(study, base)
     records: List[Dict[str, Any]] = []
     for seed in study.settings["seeds"]:
-        records.append(evaluator.reference(seed))
+        records.append({**evaluator.reference(seed), "step": 0})
     bar = tqdm(study.grid(), desc="study", unit="run", disable=not progress)
     for curve, value, seed in bar:
         bar.set_postfix_str(f"{curve.label} {curve.knob}={value} seed {seed}")
@@ -269,14 +280,21 @@ def run_one(study: Study, evaluator: "Evaluator", curve: Curve, value: Any, seed
     from dpo_zoo.train.trainer import train
 
     folder = study.run_dir(curve, value, seed)
-    cfg = study.config(*_loss_overrides(curve, value), f"train.seed={seed}", f"train.output_dir={folder}")
+    run_settings = [*_loss_overrides(curve, value), f"train.seed={seed}", f"train.output_dir={folder}"]
+    cfg, every = study.config(*run_settings), int(study.settings["eval_every"])
+    if every:  # checkpoints to evaluate (dpo_zoo/study/trajectory.py); watch-only: finished runs are reused
+        cfg = study.config(*run_settings, *trajectory.train_overrides(every, int(cfg.train.eval_every)))
     before = _file_hash(folder / "run.json")
     started = time.time()
     train(cfg)
     seconds = round(time.time() - started, 3)
     record = evaluator.run(folder, cfg, seed)
-    return {"label": curve.label, "loss": curve.loss, "knob": curve.knob, "strength": value, "seed": seed,
-            "run_dir": str(folder), **record, "train_seconds": _training_time(folder, before, seconds)}
+    step = trajectory.last_step(folder)
+    out = {"label": curve.label, "loss": curve.loss, "knob": curve.knob, "strength": value, "seed": seed,
+           "run_dir": str(folder), **record, "step": step, "train_seconds": _training_time(folder, before, seconds)}
+    if every and step is not None:
+        out["trajectory"] = trajectory.evaluate_checkpoints(evaluator, folder, cfg, seed, every, step)
+    return out
 
 
 def _file_hash(path: Path) -> Optional[str]:
@@ -468,79 +486,11 @@ def write_outputs(study: Study, records: List[Dict[str, Any]], data: Optional[Di
         writer.writerows(records)
     table = summary_table(rows)
     (out / "summary.md").write_text(table + "\n")
-    png = plot_frontier(rows, out / "frontier.png")
+    if study.settings["eval_every"]:
+        trajectory.write_csv(records, METRICS, out / "trajectory.csv")
+    png = plot_frontier(rows, out / "frontier.png", records)
     write_html(study, table, png, out / "report.html")
     write_results(str(out / "summary.json"), str(out / "results.md"))
     print(table)
     print(f"[dpo-zoo study] {len(records)} runs; outputs in {out} (frontier.png, report.html, runs.csv, summary.json)")
     return summary
-
-
-def _standard_error(stat: Dict[str, float]) -> float:
-    """The standard error of a mean over seeds (0 without a spread to estimate it from)."""
-    sd, n = stat.get("sd"), stat.get("n") or 0
-    return 0.0 if sd is None or n < 2 or math.isnan(sd) else sd / math.sqrt(n)
-
-
-def plot_frontier(rows: Sequence[Dict[str, Any]], path: Path) -> bytes:
-    """Mean reward against mean KL (RB), one curve per label in its value order, ±1 standard error
-    over seeds as bars (the 95% intervals are in the tables: with 3 seeds they are 2.5 times wider
-    and would hide the points). Every curve has its own colour and marker."""
-    import itertools
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8.5, 5.5), dpi=110)
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    colours = plt.get_cmap("tab20").colors
-    styles = itertools.cycle(zip(colours[::2] + colours[1::2], itertools.cycle("osD^vP<>Xhp")))
-    for label in labels:
-        points = [r for r in rows if r["label"] == label]
-        x = [p["kl_rb"]["mean"] for p in points]
-        y = [p["reward"]["mean"] for p in points]
-        xerr = [_standard_error(p["kl_rb"]) for p in points]
-        yerr = [_standard_error(p["reward"]) for p in points]
-        colour, marker = ("black", "*") if label == REFERENCE_LABEL else next(styles)
-        axes.errorbar(x, y, xerr=xerr, yerr=yerr, marker=marker, markersize=11 if marker == "*" else 6,
-                      color=colour, capsize=2, elinewidth=0.8, alpha=0.9,
-                      linestyle="-" if len(points) > 1 and label != REFERENCE_LABEL else "none", label=label)
-        for p, xi, yi in zip(points, x, y):
-            if p["knob"] is not None:
-                axes.annotate(f"{p['strength']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                              color=colour)
-    right = axes.get_xlim()[1]
-    axes.set_xlim(-0.02 * right, right)  # KL >= 0: no room for bars below it, but the reference at 0 shows whole
-    axes.set_xlabel("KL(π‖π_ref) per sequence (Rao–Blackwellized, nats)")
-    axes.set_ylabel("mean ground-truth reward of sampled continuations")
-    axes.set_title("reward–KL frontier (labels: strength values; bars: ±1 standard error over seeds)", fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path.read_bytes()
-
-
-def write_html(study: Study, table: str, png: bytes, path: Path) -> None:
-    import base64
-    import html
-
-    def md_to_html(md: str) -> str:
-        lines = [line.strip("|").split(" | ") for line in md.splitlines() if not line.startswith("|---")]
-        head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in lines[1:])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    image = base64.b64encode(png).decode("ascii")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dpo_zoo study</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style>
-</head><body><h1>Reward–KL frontier</h1><p><code>{html.escape(study.command)}</code></p>
-<img alt="reward-KL frontier" src='data:image/png;base64,{image}'>
-<h2>Mean ± 95% CI over seeds</h2>{md_to_html(table)}
-<p>Reward: {html.escape(str(study.settings['reward']))}; {study.settings['eval']['prompts']} held-out prompts ×
-{study.settings['eval']['samples']} samples per run; seeds {study.settings['seeds']}.</p></body></html>
-"""
-    path.write_text(page, encoding="utf-8")
