@@ -99,12 +99,17 @@ def test_study_with_eval_every_gives_each_run_its_trajectory_and_reruns_evaluate
     # Turned off: the same runs and final evaluations, no trajectory, still nothing evaluated.
     off = run_study(str(study_file), ["study.eval_every=0"])
     assert measured == [] and "trajectory" not in off["runs"][1] and off["runs"][1]["kl_rb"] == run["kl_rb"]
-    # A checkpoint deleted: its point is left out, said so, and the others are still cached.
-    shutil.rmtree(folder / "checkpoints" / "step-0000002")
+    # The checkpoints deleted after the export (they hold the optimizer state too): the exports stand.
+    shutil.rmtree(folder / "checkpoints")
+    assert run_study(str(study_file))["runs"] == summary["runs"] and measured == []
+    # An export of another training (here: another learning rate in its run.json) is not used: its point
+    # is left out, and said so.
+    record["config"]["train"]["learning_rate"] = 0.5
+    (exported / "run.json").write_text(json.dumps(record))
     capsys.readouterr()
     fewer = run_study(str(study_file))
-    assert measured == [] and [p["step"] for p in fewer["runs"][1]["trajectory"]] == [4]
-    assert "no checkpoint of step 2" in capsys.readouterr().err
+    assert measured == [] and [p["step"] for p in fewer["runs"][1]["trajectory"]] == [2]
+    assert "no checkpoint of step 4" in capsys.readouterr().err
 
 
 def test_eval_every_must_be_a_count(study_file, tmp_path):

@@ -9,7 +9,8 @@ What ``frontier.png`` shows:
   from the origin through its checkpoints to its final point, in its curve's colour;
 * per curve (a loss and its label) its *envelope*: the best reward reached at a KL at most x, over
   every point of that curve (all strengths, seeds and checkpoints, the origin included) — the Pareto
-  front of (low KL, high reward), joined by straight lines — as a thick line. Without trajectories it
+  front of (low KL, high reward), joined by straight lines, flat after its last point up to the curve's
+  largest KL — as a thick line. Without trajectories it
   is the envelope of the final points (means over seeds);
 * the final points: for each strength the mean over seeds, ±1 standard error over seeds as bars (the
   95% intervals are in the tables: with 3 seeds they are 2.5 times wider and would hide the points),
@@ -95,6 +96,9 @@ def frontier_figure(rows: Sequence[Dict[str, Any]], runs: Optional[Sequence[Dict
         if not members:
             cloud += means
         front = envelope(cloud)
+        widest = max((p[0] for p in cloud if _finite(p)), default=None)
+        if front and widest is not None and widest > front[-1][0]:
+            front.append((widest, front[-1][1]))  # no better reward up to the curve's largest KL: flat
         if front:
             axes.plot(*zip(*front), color=colour, linewidth=2.6, alpha=0.85, solid_capstyle="round", zorder=3)
         shown = [(r, m) for r, m in zip(finals, means) if _finite(m)]
@@ -115,7 +119,7 @@ def frontier_figure(rows: Sequence[Dict[str, Any]], runs: Optional[Sequence[Dict
                   linestyle="none")
         handles.insert(0, Line2D([], [], marker="*", markersize=13, color="black", linestyle="none",
                                  label="reference (KL 0)"))
-    handles += [Line2D([], [], color="grey", linewidth=2.6, label="envelope: best reward at ≤ KL"),
+    handles += [Line2D([], [], color="grey", linewidth=2.6, label="envelope: best reward at ≤ KL (Pareto front)"),
                 Line2D([], [], color="grey", marker="o", linestyle="none", label="final: mean ± 1 SE over seeds"),
                 Line2D([], [], color="grey", linewidth=0.7, alpha=0.5, label="one run, through its checkpoints")]
     _kl_axis(axes, drawn_x)

@@ -478,7 +478,7 @@ def write_outputs(study: Study, records: List[Dict[str, Any]], data: Optional[Di
     summary = json_ready(summary)
     (out / "runs.json").write_text(json.dumps(json_ready(records), indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    fields = ["label", "loss", "knob", "strength", "seed", *METRICS, "reward_se", "kl_rb_se", "kl_mc_se",
+    fields = ["label", "loss", "knob", "strength", "seed", "step", *METRICS, "reward_se", "kl_rb_se", "kl_mc_se",
               "rb_below_mc", "n_samples", "train_seconds", "eval_seconds", "run_dir"]
     with open(out / "runs.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -16,7 +16,9 @@ in increasing step, scalars only (the per-prompt lists stay in each folder's ``s
 final point is the record itself (``"step"``: its last step) and the reference (step 0) the common
 origin. A run trained before ``eval_every`` was set has no checkpoints and is reused as it is: its
 trajectory is what its checkpoints give (a note says which steps are missing; ``train.overwrite=true``
-trains it again).
+trains it again). Disk: an export is a copy of the weights (the adapter alone for LoRA); once exported, a
+run's ``checkpoints/`` (which also hold the optimizer state) may be deleted: an export is used without its
+checkpoint when it is of this very run (the same training identity as the run's ``run.json``).
 """
 
 from __future__ import annotations
@@ -47,24 +49,46 @@ def train_overrides(every: int, train_eval_every: int) -> List[str]:
 def evaluate_checkpoints(evaluator, folder: Path, cfg, seed: int, every: int, last_step: int) -> List[Dict[str, Any]]:
     """The trajectory of the finished run ``folder`` (module doc): one point per checkpoint of a step
     ``N, 2N, … < last_step``, in increasing step."""
-    from dpo_zoo.train.checkpoints import checkpoint_folders
+    from dpo_zoo.train.checkpoints import checkpoint_folders, tag_for
     from dpo_zoo.train.export import export_checkpoint
     from dpo_zoo.train.run_folder import CHECKPOINT_DIR
 
-    wanted = list(range(every, last_step, every))
-    found = {step: path for step, path in checkpoint_folders(folder / CHECKPOINT_DIR) if step in wanted}
-    missing = [s for s in wanted if s not in found]
-    if missing:
-        print(f"[dpo-zoo study] {folder}: no checkpoint of step {', '.join(map(str, missing))} (trained before "
-              "study.eval_every was set, or deleted); its trajectory leaves them out (train.overwrite=true "
-              "trains the run again)", file=sys.stderr)
-    points = []
-    for step in sorted(found):
-        exported = export_checkpoint(folder, found[step], folder / TRAJECTORY_DIR / found[step].name,
-                                     trust_remote_code=bool(cfg.model.trust_remote_code))
+    found = dict(checkpoint_folders(folder / CHECKPOINT_DIR))
+    points, missing = [], []
+    for step in range(every, last_step, every):
+        target = folder / TRAJECTORY_DIR / tag_for(step)
+        if step in found:
+            exported = export_checkpoint(folder, found[step], target, trust_remote_code=bool(cfg.model.trust_remote_code))
+        elif exported_from_this_run(folder, target, step):
+            exported = target  # its checkpoint deleted since (it also held the optimizer state): the export stands
+        else:
+            missing.append(step)
+            continue
         record = evaluator.run(exported, cfg, seed)
         points.append({"step": step, **{k: v for k, v in record.items() if _scalar(v) and k != "step"}})
+    if missing:
+        print(f"[dpo-zoo study] {folder}: no checkpoint of step {', '.join(map(str, missing))} (trained before "
+              "study.eval_every was set, or deleted before it was exported); its trajectory leaves them out "
+              "(train.overwrite=true trains the run again)", file=sys.stderr)
     return points
+
+
+def exported_from_this_run(folder: Path, exported: Path, step: int) -> bool:
+    """Whether ``exported`` holds step ``step`` of this very run: the same training identity (config
+    less the watch-only settings, and the prepared set) as the run's own ``run.json``."""
+    import json
+
+    from dpo_zoo.train.run_folder import RUN_FILE, identity_changes, is_finished, training_identity
+
+    if not is_finished(exported):
+        return False
+    try:
+        own, theirs = (json.loads((f / RUN_FILE).read_text()) for f in (folder, exported))
+    except (OSError, ValueError):
+        return False
+    identity = training_identity(own.get("config") or {}, own.get("cache_key") or {})
+    stored = training_identity(theirs.get("config") or {}, theirs.get("cache_key") or {})
+    return theirs.get("steps") == step and "checkpoint" in theirs and not identity_changes(stored, identity)
 
 
 def _scalar(value: Any) -> bool:
