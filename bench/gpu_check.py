@@ -60,6 +60,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
+from matmul_peak import matmul_parameters, training_flops_per_token  # noqa: E402  (bench/ on the path)
 TOKENIZER = BENCH / "assets" / "smollm2_tokenizer"
 DATA = REPO / "data" / "hh_rlhf" / "harmless-base" / "test.jsonl.gz"
 
@@ -109,16 +110,6 @@ def build_model(name: str, tiny: bool, seed: int = 0):
     config = model_config(name, tiny)
     config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
-
-
-def matmul_parameters(model) -> int:
-    """N of 6·N·tokens: weights used in matrix products (decoder linears + the LM head; a tied head counts
-    once, as the head; the embedding lookup, norms and biases are not matmuls)."""
-    total = 0
-    for module in model.get_decoder().modules():
-        if isinstance(module, torch.nn.Linear):
-            total += module.weight.numel()
-    return total + model.get_output_embeddings().weight.numel()
 
 
 def read_pairs(limit: int) -> List[Tuple[str, str, str]]:
@@ -284,7 +275,7 @@ def throughput(name: str, tiny: bool, model, tokenizer, args, workdir: Path, trl
     config = model.config
     d_attn = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     n = matmul_parameters(model)
-    per_token = 6 * n + 6 * config.num_hidden_layers * d_attn * stats["sum_n2"] / stats["sum_n"]
+    per_token = training_flops_per_token(n, config.num_hidden_layers, d_attn, stats["sum_n"], stats["sum_n2"])
     memory_key = "gpu_peak_mb" if args.device == "cuda" else "peak_rss_mb"
     runs, mfu = {}, {}
     for trainer, r in figures["trainers"].items():

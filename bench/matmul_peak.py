@@ -66,6 +66,34 @@ def measure(size: int = 2048, seconds: float = 2.0, device: str = "cpu", threads
     return out
 
 
+def matmul_parameters(model) -> int:
+    """N of 6·N·tokens: weights used in matrix products (the decoder's linear layers and the LM head; a
+    tied head counts once, as the head; the embedding lookup, norms and biases are not matmuls)."""
+    total = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    return total + model.get_output_embeddings().weight.numel()
+
+
+def model_matmul_parameters(model_path) -> Dict[str, int]:
+    """:func:`matmul_parameters` and the attention shape of the model in ``model_path``, built on the meta
+    device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    heads = config.num_attention_heads
+    return {"matmul_parameters": matmul_parameters(model), "layers": config.num_hidden_layers,
+            "d_attn": heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)}
+
+
+def training_flops_per_token(matmul_params: int, layers: int, d_attn: int, sum_n: float, sum_n2: float) -> float:
+    """Training FLOPs per input token: ``6·N`` (forward 2N, backward 4N; Kaplan et al. 2020) plus causal
+    attention ``6·layers·d_attn·Σn²/Σn``: QKᵀ and AV cost ``2·2·n²·d / 2`` forward over a causal
+    sequence of ``n`` tokens (half the square), ×3 with the backward pass; averaged per token over
+    sequences of lengths ``n`` (prompts counted in each sequence, as in the padded layout)."""
+    return 6.0 * matmul_params + 6.0 * layers * d_attn * (sum_n2 / sum_n if sum_n else 0.0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=2048)
