@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-float demo docs
+.PHONY: setup test test-fast test-float demo docs wheelhouse
 
 setup:
 	bash launch/setup_env.sh $(VENV)
@@ -31,3 +31,9 @@ demo: setup
 
 docs: setup
 	$(PY) -m dpo_zoo.docs
+
+# ./wheelhouse: the wheels bench/gpu_check.sh installs on a GPU machine without network (never torch);
+# WHEELHOUSE_PYTHONS="3.10 3.12" collects the compiled wheels for that machine's Python instead of this one's.
+WHEELHOUSE_PYTHONS ?=
+wheelhouse: setup
+	$(PY) launch/wheelhouse.py $(foreach v,$(WHEELHOUSE_PYTHONS),--python-version $(v))
