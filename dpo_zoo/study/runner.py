@@ -72,7 +72,7 @@ import numpy as np
 
 from dpo_zoo.config import ConfigError, load_config, read_yaml
 from dpo_zoo.errors import StudyError
-from dpo_zoo.study import trajectory
+from dpo_zoo.study import exact, exact_world, trajectory
 from dpo_zoo.study.plot import plot_frontier, write_html
 from dpo_zoo.study.results import REFERENCE_LABEL, check_claims, ci95, summary_table, write_results
 
@@ -88,10 +88,13 @@ STUDY_DEFAULTS: Dict[str, Any] = {
     "losses": [],
     "claims": [],
     "eval_every": 0,  # evaluate each run's checkpoints every this many steps too (dpo_zoo/study/trajectory.py)
+    # A mapping of world settings: train and evaluate in the exact benchmark's enumerable world
+    # (dpo_zoo/study/exact_world.py, dpo_zoo/study/exact.py) instead of on real text. null: off.
+    "exact": None,
     "progress": True,
 }
 METRICS = ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2", "mean_length",
-           "reward_length_corr", "accuracy")
+           "reward_length_corr", "accuracy", "reward_drop")
 EVAL_FILE = "study_eval.json"
 TRAIN_TIME_FILE = "study_train.json"  # the time a run took to train, kept for the sittings that reuse it
 EVAL_FORMAT = "dpo_zoo.study_eval.v2"  # v2: the evaluation seed apart from train.seed; SEs clustered by prompt
@@ -173,12 +176,18 @@ def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
     if not isinstance(settings["reward"], str) or not settings["reward"]:
         errors.append(f"{path}: `study.reward`: expected a reward spec (vader, a model folder, module:function)")
     errors += trajectory.check_setting(str(path), settings["eval_every"])
+    if settings["exact"] is not None:
+        settings["exact"], world_errors = exact_world.check_settings(str(path), settings["exact"])
+        errors += world_errors
     curves = _curves(path, settings["losses"], errors)
     errors += [f"{path}: {e}" for e in check_claims(settings["claims"], [c.label for c in curves], METRICS)]
     if errors:
         raise ConfigError(errors)
     command = "dpo-zoo study " + " ".join(shlex.quote(x) for x in [str(path), *overrides])
-    study = Study(Path(path), settings, curves, raw, [o for o in overrides if not o.startswith("study.")], command)
+    experiment_overrides = [o for o in overrides if not o.startswith("study.")]
+    if settings["exact"] is not None:  # every run trains on the world's reference and pairs
+        experiment_overrides = [*exact.experiment_overrides(Path(settings["output_dir"]).expanduser()), *experiment_overrides]
+    study = Study(Path(path), settings, curves, raw, experiment_overrides, command)
     _write_experiment(study)
     try:  # every run's config must load: report a bad knob or value before anything trains
         for curve in curves:
@@ -251,8 +260,13 @@ def run_study(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     study = load_study(path, overrides)
     progress = bool(study.settings["progress"])
     base = study.config()
-    run_prep(base)
-    evaluator = Evaluator(study, base)
+    if study.settings["exact"] is not None:  # the world first: prep reads its model and pairs
+        world = exact_world.build_world(exact.world_folder(study.output_dir), study.settings["exact"], progress)
+        run_prep(base)
+        evaluator = exact.ExactEvaluator(study, base, world)
+    else:
+        run_prep(base)
+        evaluator = Evaluator(study, base)
     records: List[Dict[str, Any]] = []
     for seed in study.settings["seeds"]:
         records.append({**evaluator.reference(seed), "step": 0})
@@ -294,6 +308,7 @@ def run_one(study: Study, evaluator: "Evaluator", curve: Curve, value: Any, seed
            "run_dir": str(folder), **record, "step": step, "train_seconds": _training_time(folder, before, seconds)}
     if every and step is not None:
         out["trajectory"] = trajectory.evaluate_checkpoints(evaluator, folder, cfg, seed, every, step)
+        out["reward_drop"] = trajectory.reward_drop(out["trajectory"], out["reward"])
     return out
 
 
@@ -378,22 +393,7 @@ class Evaluator:
         return record
 
     def _cached(self, folder: Path, inputs: Dict[str, Any], measure) -> Dict[str, Any]:
-        path = folder / EVAL_FILE
-        if path.is_file():
-            try:
-                stored = json.loads(path.read_text())
-                if stored.get("inputs") == json.loads(json.dumps(inputs, default=str)):
-                    return dict(stored["metrics"])
-            except (OSError, ValueError):
-                pass
-        started = time.time()
-        metrics = measure()
-        metrics["eval_seconds"] = round(time.time() - started, 3)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"inputs": inputs, "metrics": metrics}, indent=1, default=str))
-        tmp.replace(path)
-        return metrics
+        return cached_evaluation(folder, inputs, measure)
 
     def _measure(self, policy, reference, tokenizer_folder: Path, train_seed: int) -> Dict[str, Any]:
         from dpo_zoo.compare.drift import kl_samples, summarize_kl
@@ -413,6 +413,27 @@ class Evaluator:
             self.reward.set_baselines(*chosen_baselines(self.heldout, len(self.prompts), tokenizer))
         rewards = self.reward(prompt_texts, texts)
         return measure_samples(samples, summarize_kl(samples), rewards, texts, int(s["samples"]))
+
+
+def cached_evaluation(folder: Path, inputs: Dict[str, Any], measure) -> Dict[str, Any]:
+    """``measure()``'s metrics, reused from ``folder/study_eval.json`` while it records the same
+    ``inputs`` (what the evaluation depends on), else measured, timed and stored there."""
+    path = folder / EVAL_FILE
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("inputs") == json.loads(json.dumps(inputs, default=str)):
+                return dict(stored["metrics"])
+        except (OSError, ValueError):
+            pass
+    started = time.time()
+    metrics = measure()
+    metrics["eval_seconds"] = round(time.time() - started, 3)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"inputs": inputs, "metrics": metrics}, indent=1, default=str))
+    tmp.replace(path)
+    return metrics
 
 
 def measure_samples(samples: Dict[str, Any], kl: Dict[str, Any], rewards: np.ndarray, texts: Sequence[str],

@@ -91,6 +91,20 @@ def exported_from_this_run(folder: Path, exported: Path, step: int) -> bool:
     return theirs.get("steps") == step and "checkpoint" in theirs and not identity_changes(stored, identity)
 
 
+def reward_drop(points: Sequence[Dict[str, Any]], final_reward: float) -> float:
+    """How far the run's reward fell from its best point by the end: ``max_t reward_t − reward_final``
+    over its checkpoints and final point (≥ 0; 0 when the reward never fell). Reward over-optimisation
+    (Gao et al. 2023; the IS-DAA paper's Fig. 1) shows as a drop: the true reward peaks and then falls as
+    training drives the policy further from the reference. NaN when the final reward is."""
+    import math
+
+    rewards = [float(p["reward"]) for p in points if isinstance(p.get("reward"), (int, float))]
+    if not isinstance(final_reward, (int, float)) or not math.isfinite(final_reward):
+        return math.nan
+    finite = [r for r in rewards if math.isfinite(r)]
+    return max([*finite, float(final_reward)]) - float(final_reward)
+
+
 def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
