@@ -62,7 +62,7 @@ class ExactEvaluator:
 
     def reference(self, seed: int) -> Dict[str, Any]:
         from dpo_zoo.study.results import REFERENCE_LABEL
-        from dpo_zoo.study.runner import cached_evaluation
+        from dpo_zoo.study.eval_cache import cached_evaluation
 
         out = self.study.output_dir / "reference"
         model = self.bases.get(self.world.model_dir)
@@ -73,7 +73,7 @@ class ExactEvaluator:
 
     def run(self, folder: Path, cfg, seed: int) -> Dict[str, Any]:
         from dpo_zoo.compare.subjects import load_policy, open_subject
-        from dpo_zoo.study.runner import cached_evaluation
+        from dpo_zoo.study.eval_cache import cached_evaluation
 
         run_file = Path(folder) / "run.json"
         subject = open_subject(str(folder), cfg, None)

@@ -426,7 +426,8 @@ def draw_pairs(world: World, ref_logp: np.ndarray):
             a, b = rng.choice(len(world.tree), size=2, p=probs[x])
         gap = float(world.reward[x, a] - world.reward[x, b])
         tie = abs(gap) < float(s["tie_margin"])
-        first_wins = rng.random() < 1.0 / (1.0 + math.exp(-gap / float(s["temperature"])))
+        # σ(x) written through tanh: the same number, without exp overflowing at a tiny temperature.
+        first_wins = rng.random() < 0.5 * (1.0 + math.tanh(gap / (2.0 * float(s["temperature"]))))
         chosen, rejected = (a, b) if (first_wins or tie) else (b, a)
         ties += tie
         rows.append({"id": f"pair{i:05d}", "prompt": f"p{x}", "chosen": world.text(chosen),

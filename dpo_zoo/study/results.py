@@ -58,13 +58,18 @@ def _fmt(stat: Dict[str, Any], digits: int = 3) -> str:
 
 
 def summary_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """Markdown: one line per (curve, strength), mean ± 95% CI over seeds."""
-    lines = ["| curve | strength | seeds | reward | KL (RB) | KL (MC) | entropy/token | distinct-1 | distinct-2 | "
-             "length | r(reward, length) | accuracy |", "|---" * 12 + "|"]
+    """Markdown: one line per (curve, strength), mean ± 95% CI over seeds; the reward drop from the
+    trajectory's peak (:func:`dpo_zoo.study.trajectory.reward_drop`) when the study has trajectories."""
+    drops = any(not _is_missing((r.get("reward_drop") or {}).get("mean")) for r in rows)
+    head = ["curve", "strength", "seeds", "reward", "KL (RB)", "KL (MC)", "entropy/token", "distinct-1", "distinct-2",
+            "length", "r(reward, length)", "accuracy", *(["reward drop"] if drops else [])]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         strength = "–" if r["knob"] is None else f"{r['knob']}={r['strength']}"
         cells = [_fmt(r[m]) for m in ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2")]
-        cells += [_fmt(r["mean_length"], 1), _fmt(r["reward_length_corr"]), _fmt(r["accuracy"])]
+        cells += [_fmt(r["mean_length"], 2), _fmt(r["reward_length_corr"]), _fmt(r["accuracy"])]
+        if drops:
+            cells.append(_fmt(r.get("reward_drop") or {"mean": math.nan, "ci95": math.nan}))
         lines.append(f"| {r['label']} | {strength} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -75,9 +80,14 @@ def checks_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
     the runs took as recorded (a run reused from an earlier sitting records only its reuse)."""
     trained = [r for r in runs if r["label"] != REFERENCE_LABEL]
     below = [r for r in trained if r.get("rb_below_mc")]
+    sampled = [r for r in trained if r.get("rb_below_mc") is not None]  # exact runs have no estimator to check
     lines = [f"- Rao–Blackwellized KL standard error below the Monte Carlo one, on the same samples: "
-             f"{len(below)} of {len(trained)} runs"]
-    for r in trained:
+             f"{len(below)} of {len(sampled)} runs"] if sampled else []
+    invalid = [float(r["invalid_mass"]) for r in trained if not _is_missing(r.get("invalid_mass"))]
+    if invalid:
+        lines.append(f"- exact world: mass the unrestricted policy puts outside the completions, largest "
+                     f"{max(invalid):.2g} (median {float(np.median(invalid)):.2g}) over {len(invalid)} runs")
+    for r in sampled:
         if not r.get("rb_below_mc"):
             lines.append(f"  - not below: {r['label']} {r.get('knob')}={r.get('strength')} seed {r['seed']} "
                          f"(RB SE {r.get('kl_rb_se')}, MC SE {r.get('kl_mc_se')})")
@@ -195,10 +205,27 @@ def study_section(summary: Dict[str, Any], source: str, picture: str, heading: s
     family = sum(1 for r in results for c in r["cells"] if c.decides and c.stat["n"] >= MIN_SEEDS)
     experiment = summary.get("experiment", {})
     train = experiment.get("train", {})
+    exact = settings.get("exact")
+    if exact:  # the exact benchmark (dpo_zoo/study/exact_world.py): no sampling, no reward model
+        from dpo_zoo.study.exact_world import completions_per_prompt
+
+        model = (f"the exact world's reference (a {exact['layers']}-layer Llama, width {exact['hidden_size']}, "
+                 "fitted to a known Markov chain)")
+        evaluation = (f"- reward and evaluation: **exact**, sums over every completion ({exact['tokens']} content tokens, "
+                      f"1–{exact['max_length']} of them then EOS: {completions_per_prompt(exact['tokens'], exact['max_length'])} "
+                      f"per prompt, {exact['prompts']} prompts); world seed {exact['seed']}, reward length bias "
+                      f"{exact['length_bias']:g}, tie margin {exact['tie_margin']:g}, Bradley–Terry temperature "
+                      f"{exact['temperature']:g}; no evaluation noise (standard errors 0)")
+    else:
+        model = f"`{experiment.get('model', {}).get('name_or_path', 'smollm2-135m-instruct')}`"
+        evaluation = (f"- reward: `{settings['reward']}`; evaluation: {settings['eval']['prompts']} held-out prompts × "
+                      f"{settings['eval']['samples']} samples, ≤ {settings['eval']['max_new_tokens']} new tokens; "
+                      + (f"sampling seed {settings['eval']['seed']} for every run (common random numbers)"
+                         if settings["eval"].get("seed", "train") != "train" else "sampling seed: each run's training seed"))
     lines = [
         "",
         f"- study: `{summary['study_file']}` ({source}); command: `{summary['command']}`",
-        f"- model: `{experiment.get('model', {}).get('name_or_path', 'smollm2-135m-instruct')}`; "
+        f"- model: {model}; "
         + (f"epochs: {train['epochs']}" if train.get("epochs") else f"train steps: {train.get('max_steps', 'default')}")
         + f"; LoRA: {train.get('lora', {}).get('enabled', False)}",
     ]
@@ -206,10 +233,7 @@ def study_section(summary: Dict[str, Any], source: str, picture: str, heading: s
     if data:
         lines.append("- data: " + "; ".join(f"{split} {c['pairs']} pairs ({c['ties']} ties)" for split, c in data.items()))
     lines += [
-        f"- reward: `{settings['reward']}`; evaluation: {settings['eval']['prompts']} held-out prompts × "
-        f"{settings['eval']['samples']} samples, ≤ {settings['eval']['max_new_tokens']} new tokens; "
-        + (f"sampling seed {settings['eval']['seed']} for every run (common random numbers)"
-           if settings["eval"].get("seed", "train") != "train" else "sampling seed: each run's training seed"),
+        evaluation,
         f"- seeds: {settings['seeds']} (paired: the same seeds for every loss); runs: {len(runs)}",
         "- numbers: per cell (a strength, the pooled strengths, matched KL or the whole grid), the paired "
         "difference treatment − baseline over seeds, mean ± 95% t interval (n = paired seeds), its p-value and "

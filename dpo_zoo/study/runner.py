@@ -73,6 +73,7 @@ import numpy as np
 from dpo_zoo.config import ConfigError, load_config, read_yaml
 from dpo_zoo.errors import StudyError
 from dpo_zoo.study import exact, exact_world, trajectory
+from dpo_zoo.study.eval_cache import cached_evaluation
 from dpo_zoo.study.plot import plot_frontier, write_html
 from dpo_zoo.study.results import REFERENCE_LABEL, check_claims, ci95, summary_table, write_results
 
@@ -95,7 +96,6 @@ STUDY_DEFAULTS: Dict[str, Any] = {
 }
 METRICS = ("reward", "kl_rb", "kl_mc", "entropy_per_token", "distinct_1", "distinct_2", "mean_length",
            "reward_length_corr", "accuracy", "reward_drop")
-EVAL_FILE = "study_eval.json"
 TRAIN_TIME_FILE = "study_train.json"  # the time a run took to train, kept for the sittings that reuse it
 EVAL_FORMAT = "dpo_zoo.study_eval.v2"  # v2: the evaluation seed apart from train.seed; SEs clustered by prompt
 
@@ -413,27 +413,6 @@ class Evaluator:
             self.reward.set_baselines(*chosen_baselines(self.heldout, len(self.prompts), tokenizer))
         rewards = self.reward(prompt_texts, texts)
         return measure_samples(samples, summarize_kl(samples), rewards, texts, int(s["samples"]))
-
-
-def cached_evaluation(folder: Path, inputs: Dict[str, Any], measure) -> Dict[str, Any]:
-    """``measure()``'s metrics, reused from ``folder/study_eval.json`` while it records the same
-    ``inputs`` (what the evaluation depends on), else measured, timed and stored there."""
-    path = folder / EVAL_FILE
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("inputs") == json.loads(json.dumps(inputs, default=str)):
-                return dict(stored["metrics"])
-        except (OSError, ValueError):
-            pass
-    started = time.time()
-    metrics = measure()
-    metrics["eval_seconds"] = round(time.time() - started, 3)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"inputs": inputs, "metrics": metrics}, indent=1, default=str))
-    tmp.replace(path)
-    return metrics
 
 
 def measure_samples(samples: Dict[str, Any], kl: Dict[str, Any], rewards: np.ndarray, texts: Sequence[str],
