@@ -317,6 +317,8 @@ def study_markdown() -> str:
     from dpo_zoo.study import runner as study
     from dpo_zoo.study import results as study_results
     from dpo_zoo.study import stats as study_stats
+    from dpo_zoo.study import exact as study_exact
+    from dpo_zoo.study import exact_world
     from dpo_zoo.study import trajectory
     from dpo_zoo.study import verdicts as study_verdicts
     from dpo_zoo.train import export as checkpoint_export
@@ -324,6 +326,8 @@ def study_markdown() -> str:
     return "\n".join(["# Which loss is better: `dpo-zoo study`", "", GENERATED, "", study.__doc__.strip(), "",
                       "## Trajectories (`study.eval_every`)", "", trajectory.__doc__.strip(), "",
                       "### A checkpoint as a run folder", "", checkpoint_export.__doc__.strip(), "",
+                      "## The exact benchmark (`study.exact`)", "", study_exact.__doc__.strip(), "",
+                      "### The world", "", exact_world.__doc__.strip(), "",
                       "## The picture", "", study_plot.__doc__.strip(), "",
                       "## The claims and their verdicts", "", study_verdicts.__doc__.strip(), "",
                       "### The statistics", "", study_stats.__doc__.strip(), "",
