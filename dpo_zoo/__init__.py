@@ -24,7 +24,8 @@ picture: a module imports its own layer and the layers below it, never one above
         |
     maths       losses/, metrics/               the loss registry; the `evaluate` metrics
         |
-    base        errors, files, staleness        errors, atomic files and locks, config diffs
+    base        errors, files, staleness,       errors, atomic files and locks, config diffs,
+                stopping                        stopping on SIGTERM/SIGINT
 
 ``data_prep`` (the preprocessors) sits below all of it and imports neither dpo_zoo nor torch.
 A new subpackage or top-level module gets its place in :data:`LAYERS`. Public import paths for plug-ins:
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 # Low to high. Each entry: a layer's name and the modules or subpackages in it (dotted, under dpo_zoo).
 LAYERS = (
-    ("base", ("errors", "files", "staleness")),
+    ("base", ("errors", "files", "staleness", "stopping")),
     ("maths", ("losses", "metrics")),
     ("runtime", ("model", "parallel")),
     ("rewards", ("rewards",)),

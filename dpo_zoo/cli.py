@@ -199,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if isinstance(err, USER_ERRORS):
             print(f"dpo-zoo {args.command}: {err}", file=sys.stderr)
-            return 2
+            return getattr(err, "exit_code", 2)  # StoppedError: 128 + the signal, as a shell reports it
         raise
     finally:
         _leave_process_group()

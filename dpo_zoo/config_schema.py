@@ -240,6 +240,10 @@ class TrainConfig:
     distributed_timeout_s: float = 1800.0
     # Resume from the last checkpoint in output_dir when there is one.
     resume: bool = True
+    # SIGTERM/SIGINT: seconds from the signal to a hard stop; within them the run finishes its step,
+    # saves a verified checkpoint and exits (143 / 130). Keep it under the scheduler's own grace
+    # (Slurm KillWait, Kubernetes terminationGracePeriodSeconds: 30 s by default). 0: no limit.
+    stop_grace_s: float = 120.0
     # A finished run with the same config is reused (not retrained) unless this is true.
     overwrite: bool = False
     # Show progress bars.

@@ -43,7 +43,9 @@ from dpo_zoo.cache.reader import lookup, read_manifest, verify_prepared_set
 from dpo_zoo.cache.format import Layout, digest
 from dpo_zoo.cache.writer import PreparedSetWriter, build_shard_table, pairs_fingerprint, plan_shards, shard_token_counts
 from dpo_zoo.parallel.process_group import Processes
-from dpo_zoo.errors import CacheError, DataError
+from dpo_zoo.errors import CacheError, DataError, StoppedError, WriterLockError
+from dpo_zoo.files import WriterLock
+from dpo_zoo.stopping import GracefulStop
 from dpo_zoo.model import packing
 from dpo_zoo.model.logps import completion_logps
 from dpo_zoo.model.loading import ResolvedModel, cache_root, load_model, load_tokenizer, resolve_model, tokenizer_fingerprint, weights_fingerprint
@@ -228,11 +230,29 @@ def _plain(node: Any) -> Any:
 
 
 def run_prep(cfg: Any) -> Dict[str, Path]:
-    """Prepare ``<prep.output_dir>/train`` and ``/heldout`` (see the module docstring); returns their paths."""
+    """Prepare ``<prep.output_dir>/train`` and ``/heldout`` (see the module docstring); returns their paths.
+
+    One writer per folder: a second prep into the same ``prep.output_dir`` is refused, naming the first
+    (:class:`~dpo_zoo.files.WriterLock`). SIGTERM/SIGINT stop it after the shard in progress is written
+    (:mod:`dpo_zoo.stopping`): finished shards are kept and the next prep computes only the rest."""
     processes = Processes()
+    output_dir = Path(cfg.prep.output_dir).expanduser().resolve()
+    lock, refusal = None, None
     try:
-        return _run_prep(cfg, processes)
+        if processes.main:
+            try:
+                lock = WriterLock(output_dir, command=f"dpo-zoo prep ({output_dir})").acquire()
+            except WriterLockError as err:
+                refusal = str(err)
+        refusal = processes.from_main(refusal)
+        if refusal is not None:
+            raise WriterLockError(refusal)
+        with GracefulStop("prep", cfg.train.stop_grace_s, unit="shard",
+                          resume_hint="run the same command again: finished shards are kept") as stop:
+            return _run_prep(cfg, processes, stop)
     finally:
+        if lock is not None:
+            lock.release()
         processes.close()
 
 
@@ -367,7 +387,7 @@ def _drop_summary(drops: Any) -> Dict[str, Any]:
     return report
 
 
-def _run_prep(cfg: Any, processes: Processes) -> Dict[str, Path]:
+def _run_prep(cfg: Any, processes: Processes, stop: GracefulStop) -> Dict[str, Path]:
     from dpo_zoo.config import save_resolved
 
     started = time.time()
@@ -398,13 +418,13 @@ def _run_prep(cfg: Any, processes: Processes) -> Dict[str, Path]:
     for split in SPLITS:
         if states[split].status == "hit":
             continue
-        model = _build_split(cfg, processes, context, split, tokenized[split], paths[split], model)
+        model = _build_split(cfg, processes, context, split, tokenized[split], paths[split], model, stop)
     say(processes, f"done in {time.time() - started:.1f} s: {output_dir}")
     return paths
 
 
 def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, rows: List[TokenizedPair],
-                 path: Path, model: Any) -> Any:
+                 path: Path, model: Any, stop: GracefulStop) -> Any:
     """Compute this rank's unfinished shards of one split; rank 0 then writes the manifest.
     Returns the reference model (loaded on first need, reused for the next split)."""
     key = context.keys[split]
@@ -479,6 +499,12 @@ def _build_split(cfg: Any, processes: Processes, context: _Context, split: str, 
                                             pad_id=pad_id, device=device, on_batch=on_batch)
             writer.write(index, build_shard_table(shard, references, layout), shard_token_counts(shard),
                          written_by={"rank": processes.rank, "world_size": processes.world})
+            # A stop signal: after this shard, which is whole on disk. (Under prep.zero3 every rank must
+            # run the same passes, so the split finishes first.)
+            if stop.requested and lockstep is None:
+                done = len(mine) - len(todo) + todo.index(index) + 1
+                raise StoppedError(stop.message(f"{split}: {done} of {len(mine)} shards of this process are "
+                                                f"written in {path}"), stop.signum)
     finally:
         bar.close()
     if lockstep is not None:

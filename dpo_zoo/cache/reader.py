@@ -9,9 +9,10 @@ damaged, incomplete, absent); :class:`PreparedSet` memory-maps a finished set, r
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -121,6 +122,16 @@ def lookup(directory: Union[str, Path], key: Mapping[str, Any], verify_checksums
 
 
 # ==================================================================== reading
+
+
+def _file_identity(path: Path) -> Optional[Tuple[int, int, int, int]]:
+    """(device, inode, size, modification time in ns) of a file, None when it is gone: a file replaced by
+    a rename gets a new inode, one written in place a new size or time."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _open_shard(path: Path, entry: Mapping[str, Any]) -> pa.Table:
@@ -248,6 +259,7 @@ class PreparedSet:
         self.path = path
         self.manifest = manifest
         self._shards = tables
+        self._identities = {name: _file_identity(path / name) for name in self._watched()}
         self._table = pa.concat_tables(tables) if tables else _layout_of(manifest).empty_table()
         self._ids: Optional[List[str]] = None
 
@@ -297,8 +309,26 @@ class PreparedSet:
     def topk(self) -> int:
         return int(self.manifest.get("topk", 0))
 
+    def _watched(self) -> List[str]:
+        return [MANIFEST, *(entry["file"] for entry in self.manifest["shards"])]
+
+    def check_unchanged(self) -> None:
+        """Raise a :class:`CacheError` naming the file when the manifest or a shard on disk is not the one
+        this set was opened on (rebuilt by another prep, altered, or removed): its rows were read when
+        opened, so going on would mix two caches. A stat per file: cheap enough for every read."""
+        for name, opened in self._identities.items():
+            now = _file_identity(self.path / name)
+            if now != opened:
+                what = "was removed" if now is None else "was rebuilt or altered"
+                raise CacheError(
+                    f"{self.path / name} {what} while this process was reading the prepared set {self.path} "
+                    "(opened with other bytes): stopping rather than mixing two caches. If a prep rebuilt it, "
+                    "run again: a checkpointed run resumes only when the prepared set's key is the same")
+
     def table(self, indices: Optional[Sequence[int]] = None, columns: Optional[Sequence[str]] = None) -> pa.Table:
-        """The rows at ``indices`` (all when None) and ``columns`` (all when None) as a pyarrow table."""
+        """The rows at ``indices`` (all when None) and ``columns`` (all when None) as a pyarrow table;
+        first :meth:`check_unchanged`."""
+        self.check_unchanged()
         table = self._table if columns is None else self._table.select(list(columns))
         if indices is None:
             return table

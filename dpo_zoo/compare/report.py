@@ -383,16 +383,24 @@ def pairs_frame(tables: Sequence[Dict[str, np.ndarray]]):
 
 
 def write_outputs(summary: Dict[str, Any], tables: Sequence[Dict[str, np.ndarray]], out_dir: Path) -> str:
-    """Write every report file into ``out_dir``; returns the markdown summary."""
+    """Write every report file into ``out_dir``; returns the markdown summary. Each file is written whole
+    or not at all (:func:`~dpo_zoo.files.atomic_write_bytes`); a full disk is a
+    :class:`~dpo_zoo.errors.DiskFullError` naming the file, and the report stays "not current" (no
+    ``inputs.json``), so the next compare writes it again."""
+    import io
+
+    from dpo_zoo.files import atomic_write_bytes, atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(summary)
-    (out_dir / "summary.md").write_text(markdown, encoding="utf-8")
-    (out_dir / "summary.json").write_text(json.dumps(M.json_ready(summary), indent=2, default=str) + "\n",
-                                          encoding="utf-8")
+    atomic_write_text(out_dir / "summary.md", markdown)
+    atomic_write_text(out_dir / "summary.json", json.dumps(M.json_ready(summary), indent=2, default=str) + "\n")
     frame = pairs_frame(tables)
-    frame.to_csv(out_dir / "pairs.csv", index=False)
-    frame.to_parquet(out_dir / "pairs.parquet", index=False)
-    (out_dir / "report.html").write_text(render_html(summary, tables), encoding="utf-8")
+    atomic_write_text(out_dir / "pairs.csv", frame.to_csv(index=False))
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(out_dir / "pairs.parquet", buffer.getvalue())
+    atomic_write_text(out_dir / "report.html", render_html(summary, tables))
     return markdown
 
 

@@ -63,6 +63,7 @@ from dpo_zoo.losses import POLICY_NEEDS, Loss, LossInputError, Need, build_loss,
 from dpo_zoo.compare.drift import kl_prompt_ids, kl_samples, summarize_kl
 from dpo_zoo.compare.judging import judge_prompts, resolve_baseline, sample_for_judge, win_rates
 from dpo_zoo.compare.report import INPUTS_FILE, compare_inputs, report_is_current
+from dpo_zoo.files import atomic_write_text
 from dpo_zoo.metrics import functions as M
 
 LOGPS_NEEDS = (Need.SEQUENCE_LOGPS, Need.TOKEN_LOGPS, Need.VOCAB_LOGPS)
@@ -385,7 +386,7 @@ def run_compare(cfg, runs: Sequence[str], data: str, losses: Optional[str] = Non
     summary["timings"]["total_seconds"] = time.perf_counter() - started
     (out_dir / INPUTS_FILE).unlink(missing_ok=True)  # a report being rewritten is not current
     markdown = write_outputs(summary, tables, out_dir)
-    (out_dir / INPUTS_FILE).write_text(json.dumps(inputs, indent=1, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / INPUTS_FILE, json.dumps(inputs, indent=1, default=str) + "\n")  # last: marks it current
     print(markdown)
     print(f"[dpo-zoo compare] wrote {out_dir}: summary.md, summary.json, pairs.csv, pairs.parquet, report.html")
     return M.json_ready(summary)

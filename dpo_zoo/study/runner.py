@@ -71,7 +71,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dpo_zoo.config import ConfigError, load_config, read_yaml
-from dpo_zoo.errors import StudyError
+from dpo_zoo.errors import StoppedError, StudyError
+from dpo_zoo.stopping import GracefulStop
 from dpo_zoo.study import exact, exact_world, trajectory
 from dpo_zoo.study.eval_cache import cached_evaluation
 from dpo_zoo.study.plot import plot_frontier, write_html
@@ -270,10 +271,23 @@ def run_study(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     records: List[Dict[str, Any]] = []
     for seed in study.settings["seeds"]:
         records.append({**evaluator.reference(seed), "step": 0})
-    bar = tqdm(study.grid(), desc="study", unit="run", disable=not progress)
-    for curve, value, seed in bar:
-        bar.set_postfix_str(f"{curve.label} {curve.knob}={value} seed {seed}")
-        records.append(run_one(study, evaluator, curve, value, seed))
+    grid = study.grid()
+    bar = tqdm(grid, desc="study", unit="run", disable=not progress)
+    # SIGTERM/SIGINT: the run in progress saves a checkpoint and stops (its own handler, dpo_zoo/stopping.py);
+    # between runs the study stops after the one it is evaluating. Finished runs and evaluations are kept.
+    with GracefulStop("study", base.train.stop_grace_s, unit="run",
+                      resume_hint="run the same command again: finished runs are reused") as stop:
+        for done, (curve, value, seed) in enumerate(bar):
+            bar.set_postfix_str(f"{curve.label} {curve.knob}={value} seed {seed}")
+            where = f"{done} of {len(grid)} runs finished in {study.output_dir}"
+            try:
+                records.append(run_one(study, evaluator, curve, value, seed))
+            except StoppedError as err:
+                raise StoppedError(f"{err} (the study: {where}, the run in progress is {curve.label} "
+                                   f"{curve.knob}={value} seed {seed})", err.signum) from None
+            if stop.requested:
+                raise StoppedError(stop.message(f"{done + 1} of {len(grid)} runs finished in {study.output_dir}"),
+                                   stop.signum)
     return write_outputs(study, records, data_counts(base))
 
 

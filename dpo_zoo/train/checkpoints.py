@@ -52,7 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from dpo_zoo.errors import CheckpointError
+from dpo_zoo.errors import CheckpointError, DiskFullError
+from dpo_zoo.files import disk_full_as_error
 from dpo_zoo.model.loading import _fsync_dir, atomic_write_bytes, sha256_path
 
 FORMAT = "dpo_zoo.checkpoint/1"
@@ -97,8 +98,13 @@ def save(engine, root: Path, step: int, identity: Dict[str, Any], run, keep: Opt
         root.mkdir(parents=True, exist_ok=True)
         _remove_tree(root / temp_tag)  # left by a save of this step that was killed
     _barrier(run)
-    engine.save_checkpoint(str(root), tag=temp_tag, client_state={**(extra_state or {}), "step": step},
-                           save_latest=False)
+    try:
+        with disk_full_as_error(root / temp_tag, what=f"the checkpoint of step {step}"):
+            engine.save_checkpoint(str(root), tag=temp_tag, client_state={**(extra_state or {}), "step": step},
+                                   save_latest=False)
+    except DiskFullError:
+        _remove_tree(root / temp_tag)  # never left to look like a checkpoint; the earlier ones are kept
+        raise
 
     def commit() -> None:  # on the main rank, once every rank's files are written
         temp = root / temp_tag
@@ -308,8 +314,8 @@ def _on_main_then_share(run, work: Callable[[], Any]) -> Any:
     if run.is_main:
         try:
             result = work()
-        except (CheckpointError, OSError) as err:
-            error = err if isinstance(err, CheckpointError) else CheckpointError(f"checkpoint: {err}")
+        except (CheckpointError, DiskFullError, OSError) as err:
+            error = err if isinstance(err, (CheckpointError, DiskFullError)) else CheckpointError(f"checkpoint: {err}")
     if run.world_size > 1:
         import torch
 

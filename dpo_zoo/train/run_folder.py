@@ -40,7 +40,7 @@ RUN_RECORD_FIELDS = ("loss", "loss_hparams", "base_model")
 # their values.
 WATCH_ONLY_SETTINGS = ("output_dir", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints",
                        "overwrite", "resume", "report_to", "project", "run_name",
-                       "distributed_timeout_s", "health")
+                       "distributed_timeout_s", "stop_grace_s", "health")
 # Model settings that change how the values are computed, not the values (beyond float rounding).
 RUNTIME_ONLY_MODEL_SETTINGS = ("padding_free", "attention")
 
@@ -70,8 +70,10 @@ def read_run_record(folder: Path) -> Dict[str, Any]:
 
 
 def write_run_record(folder: Path, record: Dict[str, Any]) -> None:
-    """Write ``run.json`` (the last file of a finished run)."""
-    (Path(folder) / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+    """Write ``run.json`` (the last file of a finished run), atomically: its presence marks the run finished."""
+    from dpo_zoo.files import atomic_write_text
+
+    atomic_write_text(Path(folder) / RUN_FILE, json.dumps(record, indent=2, default=str))
 
 
 def training_identity(config: Dict[str, Any], cache_key: Dict[str, Any]) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from dpo_zoo.train import checkpoints
 from dpo_zoo.config import as_dict, loss_hparams
 from dpo_zoo.errors import TrainingError
+from dpo_zoo.files import atomic_folder, disk_full_as_error
 from dpo_zoo.train.run_folder import CHECKPOINT_DIR, FINAL_DIR, RUN_FILE, identity_changes, write_run_record
 
 
@@ -97,29 +98,37 @@ def save_final(engine, tokenizer, cfg, run, train_set, source, reference_mode: s
     else:
         state_dict = module.state_dict() if run.is_main else None
     if run.is_main:
-        final_dir.mkdir(parents=True, exist_ok=True)
-        module.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
-        name, hparams = loss_hparams(cfg)
-        record = {
-            "loss": name,
-            "loss_hparams": hparams,
-            "base_model": str(source.path),
-            "base_model_source": source.record(),
-            "lora": bool(cfg.train.lora.enabled),
-            "reference": reference_mode,
-            "prepared_set": str(train_set.path),
-            "cache_key": train_set.key,
-            "metrics": metrics,
-            "steps": int(engine.global_steps),
-            "train_pairs": len(train_set),
-            "world_size": run.world_size,
-            "config": as_dict(cfg),
-        }
-        from dpo_zoo.train.model_card import write_model_card
+        # Written into final.tmp and renamed when complete: a full disk (DiskFullError naming the folder
+        # and the bytes written) or a kill leaves no half-written final/ to be read as a trained model.
+        with atomic_folder(final_dir) as folder, disk_full_as_error(folder, what="the final model"):
+            module.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            record = _run_record(cfg, run, train_set, source, reference_mode, metrics, int(engine.global_steps))
+            from dpo_zoo.train.model_card import write_model_card
 
-        write_model_card(final_dir, json.loads(json.dumps(record, default=str)))
-        write_run_record(run.output_dir, record)  # last: it marks the run finished
+            write_model_card(folder, json.loads(json.dumps(record, default=str)))
+        with disk_full_as_error(run.output_dir / RUN_FILE, what="the run record"):
+            write_run_record(run.output_dir, record)  # last: it marks the run finished
         print(f"[dpo-zoo train] saved {final_dir}")
     if run.world_size > 1:
         torch.distributed.barrier()
+
+
+def _run_record(cfg, run, train_set, source, reference_mode: str, metrics, steps: int) -> Dict[str, Any]:
+    """run.json: what was trained, from what, with which settings, and the last metrics."""
+    name, hparams = loss_hparams(cfg)
+    return {
+        "loss": name,
+        "loss_hparams": hparams,
+        "base_model": str(source.path),
+        "base_model_source": source.record(),
+        "lora": bool(cfg.train.lora.enabled),
+        "reference": reference_mode,
+        "prepared_set": str(train_set.path),
+        "cache_key": train_set.key,
+        "metrics": metrics,
+        "steps": steps,
+        "train_pairs": len(train_set),
+        "world_size": run.world_size,
+        "config": as_dict(cfg),
+    }

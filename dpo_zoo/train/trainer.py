@@ -39,12 +39,15 @@ from dpo_zoo.train.batching import Collated, cache_reference_fields, collate, co
 from dpo_zoo.config import as_dict, loss_hparams, save_resolved
 from dpo_zoo.parallel.process_group import init_distributed, launcher_environment, launcher_world_size, mean_over_ranks
 from dpo_zoo.train.engine import build_engine
+from dpo_zoo.train.guards import GradientWatch, OutOfMemoryGuard, stop_agreed, stopped, writer_lock
+from dpo_zoo.stopping import GracefulStop
 from dpo_zoo.train.health import LiveHealth, reference_shift
 from dpo_zoo.errors import CacheError, TrainingError
 from dpo_zoo.losses import Loss, LossOutput, Need, build_loss
 from dpo_zoo.losses.options import soft_update
 from dpo_zoo.train.run_folder import CHECKPOINT_DIR, CONFIG_FILE, FINAL_DIR, LOGS_FILE, finished_run_changes, training_identity
 from dpo_zoo.train.saving import clear_previous_run, resume, save_checkpoint, save_final
+from dpo_zoo.train.checkpoints import tag_for
 from dpo_zoo.model import packing
 from dpo_zoo.model.sharded_reference import held_bytes, load_partitioned, lockstep_batches, partitioned_reference_wanted
 
@@ -97,7 +100,10 @@ def open_run(cfg) -> Iterator[Run]:
     device = torch.device("cpu") if accelerator.device_name() == "cpu" else torch.device(accelerator.device_name(local_rank))
     output_dir = Path(cfg.train.output_dir)
     run = Run(rank=rank, world_size=world, local_rank=local_rank, device=device, output_dir=output_dir)
+    lock = contextlib.ExitStack()
     try:
+        # One writer per run folder: a second `dpo-zoo train` here is refused, naming the first (every rank).
+        lock.enter_context(writer_lock(output_dir, run.is_main, world, command=f"dpo-zoo train ({output_dir})"))
         if run.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, output_dir / CONFIG_FILE)
@@ -107,6 +113,7 @@ def open_run(cfg) -> Iterator[Run]:
         yield run
     finally:
         run.close()
+        lock.close()
         if trackers is not None:  # another rank's (unused) trackers
             trackers.close()
 
@@ -388,38 +395,6 @@ def batch_metrics(output: LossOutput, forward, collated: Collated) -> Dict[str, 
     return metrics
 
 
-class GradientWatch:
-    """Flags a non-finite gradient of any trainable parameter, checked once per backward.
-
-    Each parameter's hook adds the sum of its gradient to one running total on the device (no host
-    sync per parameter, no per-element mask): a NaN or infinity anywhere makes the total non-finite,
-    which :meth:`check` reads. (A float32 sum can also overflow, which takes gradient entries beyond
-    ~1e30 — a divergence reported the same way.)
-    """
-
-    def __init__(self, params):
-        self.finite = None
-        self.handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
-
-    def _hook(self, grad):
-        total = grad.sum(dtype=torch.float32)
-        self.finite = total if self.finite is None else self.finite + total
-        return grad
-
-    def check(self) -> bool:
-        ok = True if self.finite is None else bool(torch.isfinite(self.finite).item())
-        self.finite = None
-        return ok
-
-    def __enter__(self) -> "GradientWatch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
 def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference: Reference) -> Dict[str, float]:
     """Loss and metrics over the whole held-out set (each rank a slice), ``eval_``-prefixed."""
     module = engine.module
@@ -515,7 +490,12 @@ def train(cfg) -> Path:
         bar = resources.enter_context(
             tqdm(total=max_steps, initial=start_step, desc=f"train {name}", disable=not (run.is_main and t.progress)))
         last_metrics: Dict[str, float] = {}
+        checkpoint_root = Path(t.output_dir) / CHECKPOINT_DIR
+        stop = resources.enter_context(GracefulStop("train", t.stop_grace_s, resume_hint="run the same command "
+                                                    "again to resume from there"))
+        memory = resources.enter_context(OutOfMemoryGuard(t, checkpoint_root))
         for step in range(start_step, max_steps):
+            memory.step = step
             last_metrics = train_step(engine, loss, train_set, columns, reference, watch, run, t, pad_id, step,
                                       padding_free=cfg.model.padding_free)
             done = step + 1
@@ -528,8 +508,13 @@ def train(cfg) -> Path:
                             tok_s=f"{last_metrics['tokens_per_second']:.0f}")
             if heldout is not None and t.eval_every and done % t.eval_every == 0 and done < max_steps:
                 run.log({"step": done, **evaluate(engine, loss, heldout, cfg, run, pad_id, reference)})
-            if t.save_every and done % t.save_every == 0 and done < max_steps:
+            saved = bool(t.save_every and done % t.save_every == 0 and done < max_steps)
+            if saved:
                 save_checkpoint(engine, run, done, identity, keep=t.keep_checkpoints, moving_reference=moving_reference)
+            if done < max_steps and stop_agreed(stop, run.world_size):  # SIGTERM/SIGINT: save this step, then stop
+                if not saved:
+                    save_checkpoint(engine, run, done, identity, keep=t.keep_checkpoints, moving_reference=moving_reference)
+                raise stopped(stop, done, max_steps, checkpoint_root / tag_for(done))
 
         # ---- evaluate and save
         eval_metrics = evaluate(engine, loss, heldout, cfg, run, pad_id, reference) if heldout is not None else {}
