@@ -30,6 +30,7 @@ from dpo_zoo.files import WriterLock
 from dpo_zoo.stopping import GracefulStop
 from dpo_zoo.train.checkpoints import verify
 from dpo_zoo.train.trainer import train
+from test_study import study_file  # noqa: F401  (a fixture: the tiny study of tests/test_study.py)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=1", "train.report_to=none"]
@@ -436,3 +437,35 @@ def test_out_of_memory_in_a_step_names_the_settings_to_lower(tiny_prepared, tmp_
     assert "out of memory in training step 1" in printed and "can't allocate memory" in printed
     assert "lower train.micro_batch_size (now 2" in printed and "train.gradient_checkpointing=true" in printed
     assert "Traceback" not in printed
+
+
+
+def test_a_stop_signal_during_a_study_stops_its_run_with_a_checkpoint_and_names_the_study(study_file, tmp_path, capfd,
+                                                                                          monkeypatch):
+    import dpo_zoo.study.runner as study_module
+
+    signal_at_step(monkeypatch, 0, signal.SIGTERM)
+    code, printed = cli(["study", str(study_file), "train.max_steps=3"], capfd)
+    assert code == 143, printed
+    run = tmp_path / "study" / "runs" / "dpo" / "beta=0.1" / "seed0"
+    assert f"saved and verified the checkpoint of step 1 of 3 at {run / 'checkpoints' / 'step-0000001'}" in printed
+    assert (f"(the study: 0 of 8 runs finished in {tmp_path / 'study'}, the run in progress is dpo beta=0.1 seed 0)"
+            in printed)
+    assert "Traceback" not in printed
+    assert verify(run / "checkpoints" / "step-0000001")[1] == []
+
+    # Again, stopped (as by a kill) once the first run is done: that run resumed from its checkpoint.
+    monkeypatch.undo()
+    real_run_one, calls = study_module.run_one, []
+
+    def only_the_first(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_run_one(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "run_one", only_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        study_module.run_study(str(study_file), ["train.max_steps=3"])
+    assert json.loads((run / "run.json").read_text())["steps"] == 3
+    assert resumed_from(run) == ["step-0000001"]
