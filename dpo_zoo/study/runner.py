@@ -502,7 +502,7 @@ def write_outputs(study: Study, records: List[Dict[str, Any]], data: Optional[Di
     (out / "summary.md").write_text(table + "\n")
     if study.settings["eval_every"]:
         trajectory.write_csv(records, METRICS, out / "trajectory.csv")
-    png = plot_frontier(rows, out / "frontier.png", records)
+    png = plot_frontier(rows, out / "frontier.png", records, exact=study.settings["exact"] is not None)
     write_html(study, table, png, out / "report.html")
     write_results(str(out / "summary.json"), str(out / "results.md"))
     print(table)
