@@ -254,11 +254,18 @@ def _loss_overrides(curve: Curve, value: Any) -> List[str]:
 
 def run_study(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Prepare once, train and evaluate every run of the grid (reusing finished ones), write the outputs."""
+    study = load_study(path, overrides)
+    if study.settings["exact"] is not None:
+        with exact.one_thread():
+            return _run_grid(study)
+    return _run_grid(study)
+
+
+def _run_grid(study: Study) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from dpo_zoo.cache.prep import run_prep
 
-    study = load_study(path, overrides)
     progress = bool(study.settings["progress"])
     base = study.config()
     if study.settings["exact"] is not None:  # the world first: prep reads its model and pairs
