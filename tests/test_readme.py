@@ -21,6 +21,9 @@ EXERCISED = {
     "dpo-zoo compare runs/demo/dpo runs/demo/sampo runs/demo/tie_dpo --data prepared/demo/heldout": "test_demo_script_end_to_end",
     "dpo-zoo compare runs/demo/dpo --data prepared/demo/heldout --losses all": "test_readme_prep_train_compare",
     "dpo-zoo study configs/experiments/sentiment_frontier.yaml": "tests/test_study.py (the same study, reduced; the config loads)",
+    "dpo-zoo study configs/experiments/exact_benchmark.yaml": "tests/test_exact_benchmark.py (a tiny exact study end to end) "
+        "and tests/test_study.py (the shipped exact configs load)",
+    "dpo-zoo study configs/experiments/sentiment_powered.yaml": "tests/test_study.py (the config loads with its design)",
     "bash launch/single_node.sh": "tests/test_distributed.py (2 processes under this script's launcher command)",
     "HOSTFILE=launch/hostfile bash launch/multi_node.sh": "tests/test_multi_node.py (two nodes in network namespaces, train and prep)",
     "NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=launch/hostfile bash launch/multi_node.sh": "tests/test_multi_node.py (how each node is started there)",

@@ -241,3 +241,19 @@ def test_claim_verdicts_by_hand():
     assert evaluate_claim(down, runs)["verdict"] == REPRODUCED
     up = dict(down, metrics=[{"metric": "kl_rb", "expect": "higher"}])
     assert evaluate_claim(up, runs)["verdict"] == NOT_REPRODUCED
+
+
+def test_shipped_powered_and_exact_study_configs_load(tmp_path):
+    """The designs docs/results.md reports: the powered sentiment study (≥ 8 paired seeds, one full epoch,
+    ≥ 48 held-out prompts) and the four exact-benchmark files (20 seeds, an exact world)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    powered = load_study(str(repo / "sentiment_powered.yaml"), [f"study.output_dir={tmp_path / 'p'}"])
+    assert len(powered.settings["seeds"]) >= 8 and powered.settings["eval"]["prompts"] >= 48
+    assert powered.config().train.epochs == 1
+    for name, curves, claims in (("exact_benchmark", 8, 6), ("exact_ties", 3, 2), ("exact_length", 4, 3),
+                                 ("exact_overopt", 2, 3)):
+        study = load_study(str(repo / f"{name}.yaml"), [f"study.output_dir={tmp_path / name}"])
+        assert len(study.grid()) == curves * 20 and len(study.settings["claims"]) == claims, name
+        assert study.settings["exact"] is not None, name
