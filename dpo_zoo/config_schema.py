@@ -176,7 +176,8 @@ class HealthConfig:
     # first early_fraction of the run.
     saturation_pairs: int = 64
     early_fraction: float = 0.25  # (of train.max_steps, or the epochs' step count)
-    # margin_at_start: the largest |implicit reward| at step 0 still taken as 0 (the policy is the reference).
+    # margin_at_start: the largest |log π − log π_ref| (nats, summed over a completion) at step 0 still
+    # taken as 0 (the policy is the reference).
     start_margin: float = 0.01
     # kl_too_large (doctor): KL(π‖π_ref) per sampled completion past this many nats (by two standard errors).
     kl_max: float = 20.0

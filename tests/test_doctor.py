@@ -119,6 +119,12 @@ def test_reference_that_is_not_the_start_is_a_margin_at_step_0(tiny_model_dir, t
     warning = _warnings(_train(brought, tmp_path / "off", "train.max_steps=1"))["margin_at_start"]
     assert warning["step"] == 1 and "not 0" in warning["message"] and "train.reference=live" in warning["hint"]
     assert "margin_at_start" not in _warnings(_train(own, tmp_path / "own", "train.max_steps=1"))
+    # H-DPO's implicit reward β(α·log π − log π_ref) is β(α − 1)·log π_ref at the start, far from 0 by
+    # design; the check reads log π − log π_ref, which is 0 there, and stays quiet.
+    records = _train(own, tmp_path / "h_dpo", "train.max_steps=1", "loss=h_dpo", "loss.alpha=0.5")
+    first = next(r for r in records if r.get("step") == 1 and "rewards/chosen" in r)
+    assert abs(first["rewards/chosen"]) > 0.01 and abs(first["logps/chosen_shift"]) < 1e-4
+    assert "margin_at_start" not in _warnings(records)
 
 
 # ---------------------------------------------------------------- prepared-set checks on real tiny sets

@@ -22,9 +22,12 @@ The checks (names as they appear in warnings):
   are separable by something trivial (length, a formatting artefact, a leaked label) or the step is
   too large.
 * ``margin_at_start``: at the first step (before any update the policy *is* the reference)
-  ``|rewards/chosen|`` or ``|rewards/rejected|`` above ``start_margin``: the reference values are not
-  the policy's starting point (another model, another revision, dropout active in the policy, a
-  different precision). Only for losses that read the reference.
+  ``|logps/chosen_shift|`` or ``|logps/rejected_shift|`` (log π(y) − log π_ref(y), summed over the
+  completion) above ``start_margin`` nats: the reference values are not the policy's starting point
+  (another model, another revision, dropout active in the policy, a different precision). Only for
+  losses that read the reference. It reads the log-ratio, not the loss's implicit reward: a loss whose
+  reward is not β·(log π − log π_ref) has a non-zero reward at the start by design (H-DPO's
+  β(α·log π − log π_ref) is β(α − 1)·log π_ref there). Logs without the shifts fall back to the rewards.
 """
 
 from __future__ import annotations
@@ -145,18 +148,25 @@ def accuracy_saturated_early(records: Sequence[Dict[str, Any]], t: Thresholds = 
 def margin_at_start(records: Sequence[Dict[str, Any]], t: Thresholds = Thresholds(), *,
                     start_step: int = 0) -> Optional[Finding]:
     """Sign: on the record of step 1 (the forward pass of step 0, before any update; only when the run
-    started at step 0 and logged it) ``max(|rewards/chosen|, |rewards/rejected|) > start_margin``."""
+    started at step 0 and logged it) ``max(|logps/chosen_shift|, |logps/rejected_shift|) > start_margin``
+    (without the shifts: the same of ``rewards/chosen`` and ``rewards/rejected``)."""
     if start_step != 0:
         return None
     first = [r for r in records if "event" not in r and r.get("step") == 1 and "rewards/chosen" in r]
     if not first:
         return None
-    chosen, rejected = float(first[0]["rewards/chosen"]), float(first[0]["rewards/rejected"])
+    record = first[0]
+    if "logps/chosen_shift" in record and "logps/rejected_shift" in record:
+        chosen, rejected = float(record["logps/chosen_shift"]), float(record["logps/rejected_shift"])
+        what = "log π − log π_ref was"
+    else:
+        chosen, rejected = float(record["rewards/chosen"]), float(record["rewards/rejected"])
+        what = "the implicit rewards were"
     if max(abs(chosen), abs(rejected)) <= t.start_margin:
         return None
     return Finding(
         "margin_at_start", 1,
-        f"before any update the implicit rewards were chosen {chosen:+.4f}, rejected {rejected:+.4f} (margin "
+        f"before any update {what} chosen {chosen:+.4f}, rejected {rejected:+.4f} (margin "
         f"{chosen - rejected:+.4f}), not 0: the reference log-probs are not those of the policy's starting point.",
         "prepare the reference with the same model and revision (dpo-zoo prep), train with train.reference=live, "
         "switch off dropout in the model config, and use the precision the reference was computed in.")
