@@ -133,6 +133,10 @@ def parse_args(argv=None):
                         + " (dpo_zoo_live: train.reference=live; dpo_zoo_padded: model.padding_free=false)")
     parser.add_argument("--workdir", default=None, help="keep prepared set, runs and worker logs here (default: a temp folder)")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file (and a .md table beside it)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run torch.profiler over the timed steps and write each trainer's table of ops "
+                             "by self CPU time to <workdir>/runs/<trainer>-<repeat>.profile.txt (slows the steps: "
+                             "read the shares, not the throughput, of a profiled run)")
     # Internal: one worker process.
     parser.add_argument("--worker", default=None, choices=("prep",) + TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -384,7 +388,7 @@ def main(argv=None) -> int:
         "max_length": args.max_length, "max_prompt_length": args.max_prompt_length or args.max_length // 2,
         "ref_batch": args.ref_batch, "threads": args.threads, "device": args.device, "precision": args.precision,
         "lr": args.lr, "beta": args.beta, "seed": args.seed, "workdir": str(workdir),
-        "prepared_dir": str(workdir / "prepared"),
+        "prepared_dir": str(workdir / "prepared"), "profile": args.profile,
     }
     started = time.perf_counter()
     try:

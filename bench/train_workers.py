@@ -39,7 +39,7 @@ class StepClock:
     Stamps are taken after a device synchronisation on a GPU, so they bound the step's real work.
     """
 
-    def __init__(self, device: str, warmup: int, total: int):
+    def __init__(self, device: str, warmup: int, total: int, profile_to: Optional[str] = None):
         import torch
 
         self.torch = torch
@@ -49,6 +49,8 @@ class StepClock:
         self.current: Optional[Dict[str, Any]] = None
         self.training_memory: Dict[str, Any] = {}
         self.started = time.perf_counter()
+        # Optional torch.profiler over the timed steps (bench/train_throughput.py --profile).
+        self.profile_to, self.profiler = profile_to, None
 
     def _now(self):
         if self.cuda:
@@ -72,6 +74,9 @@ class StepClock:
     def begin(self) -> None:
         if not self.steps and self.current is None:
             self.training_starts()
+        if self.profile_to and len(self.steps) == self.warmup and self.profiler is None:
+            self.profiler = self.torch.profiler.profile(record_shapes=True)
+            self.profiler.__enter__()
         wall, cpu = self._now()
         self.current = {"step": len(self.steps) + 1, "begin_wall": wall, "begin_cpu": cpu, "tokens": 0,
                         "padded_tokens": 0, "sequences": 0, "width": 0}
@@ -96,6 +101,12 @@ class StepClock:
         record.update(end_wall=wall, end_cpu=cpu, threads=self.torch.get_num_threads(), rss_mb=memory_mb()["VmRSS"],
                       load_average=os.getloadavg()[0])
         self.steps.append(record)
+        if self.profiler is not None and len(self.steps) == self.total:
+            self.profiler.__exit__(None, None, None)
+            table = self.profiler.key_averages(group_by_input_shape=False).table(sort_by="self_cpu_time_total", row_limit=60)
+            shapes = self.profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40)
+            Path(self.profile_to).write_text(table + "\n\nby input shape:\n" + shapes)
+            self.profiler = None
         print(f"[bench] step {record['step']}/{self.total}: {record['tokens']} tokens, "
               f"{wall - record['begin_wall']:.2f} s in step", flush=True)
 
@@ -182,7 +193,8 @@ def worker_dpo_zoo(spec: Dict[str, Any], padding_free: bool = True, reference: s
     from dpo_zoo.config import load_config
 
     imports_mb = memory_mb()["VmRSS"]
-    clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"])
+    clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"],
+                      profile_to=spec["run_dir"] + ".profile.txt" if spec.get("profile") else None)
     cfg = load_config([], dpo_zoo_overrides(spec) + [f"train.output_dir={spec['run_dir']}",
                                                      f"model.padding_free={str(padding_free).lower()}",
                                                      f"train.reference={reference}"])
@@ -274,7 +286,8 @@ def worker_trl(spec: Dict[str, Any], precompute: bool) -> Dict[str, Any]:
     from dpo_zoo.config import load_config
 
     imports_mb = memory_mb()["VmRSS"]
-    clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"])
+    clock = StepClock(spec["device"], spec["warmup"], spec["total_steps"],
+                      profile_to=spec["run_dir"] + ".profile.txt" if spec.get("profile") else None)
     model_path = str(resolve_model_path(load_config([], dpo_zoo_overrides(spec)).model))
     tokenizer = load_tokenizer(model_path)
     dataset, order = trl_dataset(spec)
