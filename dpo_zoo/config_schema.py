@@ -222,7 +222,9 @@ class TrainConfig:
     decay_steps: Optional[int] = None
     # Gradients are clipped to this global L2 norm.
     max_grad_norm: float = 1.0
-    # float32 | bfloat16
+    # float32 | bfloat16. bfloat16: the weights, their gradients and the optimizer state stay float32;
+    # the forward's matrix products run in bf16 under torch.autocast (with ZeRO-3: DeepSpeed's bf16
+    # mode, bf16 weights partitioned over the ranks, fp32 master copies in the optimizer).
     precision: str = one_of("float32", "float32", "bfloat16")
     # cache: reference values from the prepared set. live: run the reference model during training.
     # auto: the cache when it holds what the loss needs, else live.

@@ -245,6 +245,12 @@ class _ChunkTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, want_mean: bool, want_square: bool):
+        # Under autocast (train.precision=bfloat16) both products of the backward run in the autocast
+        # dtype too: the casts are made here, once, and saved; the gradients go back in the inputs' dtypes.
+        ctx.input_dtypes = hidden.dtype, weight.dtype
+        if torch.is_autocast_enabled(hidden.device.type):
+            compute = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(compute), weight.to(compute)
         logits = (hidden @ weight.t()).float()
         log_norm = torch.logsumexp(logits, dim=-1)
         tokens = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - log_norm
@@ -260,8 +266,9 @@ class _ChunkTokenLogps(torch.autograd.Function):
         probs = (hidden @ weight.t()).float().sub_(log_norm.unsqueeze(1)).exp_()
         probs.mul_(grad.neg().unsqueeze(1)).scatter_add_(1, labels.unsqueeze(1), grad.unsqueeze(1))
         d_logits = probs.to(hidden.dtype)
-        d_hidden = d_logits @ weight if ctx.needs_input_grad[0] else None
-        d_weight = d_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+        d_hidden = (d_logits @ weight).to(hidden_dtype) if ctx.needs_input_grad[0] else None
+        d_weight = (d_logits.t() @ hidden).to(weight_dtype) if ctx.needs_input_grad[1] else None
         return d_hidden, d_weight, None, None, None
 
 
