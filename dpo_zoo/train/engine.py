@@ -62,14 +62,15 @@ def deepspeed_bf16(cfg) -> bool:
 
 
 def forward_precision(cfg, device: torch.device):
-    """The context the policy's (and a live reference's) forward and the loss run in: bf16 autocast for
-    ``train.precision=bfloat16`` outside DeepSpeed's own bf16 mode (:func:`deepspeed_bf16`), else none.
+    """A factory of the context the policy's (and a live reference's) forward and the loss run in: bf16
+    autocast for ``train.precision=bfloat16`` outside DeepSpeed's own bf16 mode (:func:`deepspeed_bf16`),
+    else none. Decided once here (the DeepSpeed file is read at most once), entered every micro-batch.
     Under autocast the linear layers' matrix products take bf16 inputs (fp32 weights cast once per
     forward, the gradient cast back to fp32 for the optimizer); norms, softmax normalisers and the loss
     stay fp32. The backward pass runs outside it, as torch recommends."""
     if cfg.train.precision != "bfloat16" or deepspeed_bf16(cfg):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 # train.lr_schedule -> the name `transformers.get_scheduler` knows it by. Every schedule warms up

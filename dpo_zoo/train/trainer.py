@@ -409,12 +409,13 @@ def evaluate(engine, loss: Loss, dataset, cfg, run: Run, pad_id: int, reference:
     columns = columns_to_read(dataset.columns, reference_from_rows=reference.from_rows)
     sums: Dict[str, float] = {}
     count = 0.0
+    precision = forward_precision(cfg, run.device)
     with torch.no_grad():
         for start, counted in schedule:
             indices = list(range(start, min(start + size, len(dataset))))
             collated = collate(dataset.rows(indices, columns), pad_id).to(run.device)
             generator = _micro_generator(loss, run, cfg.train.seed, -1, start)  # fixed draws: a stable eval
-            with forward_precision(cfg, run.device):
+            with precision():
                 forward = pair_batch(loss, module, collated, reference_model=reference.model,
                                      reference_context=reference.context, generator=generator,
                                      padding_free=cfg.model.padding_free)
@@ -498,11 +499,12 @@ def train(cfg) -> Path:
         stop = resources.enter_context(GracefulStop("train", t.stop_grace_s, resume_hint="run the same command "
                                                     "again to resume from there"))
         memory = resources.enter_context(OutOfMemoryGuard(t, checkpoint_root))
+        precision = forward_precision(cfg, run.device)
         for step in range(start_step, max_steps):
             memory.step = step
             last_metrics = train_step(engine, loss, train_set, columns, reference, watch, run, t, pad_id, step,
                                       padding_free=cfg.model.padding_free,
-                                      precision=lambda: forward_precision(cfg, run.device))
+                                      precision=precision)
             done = step + 1
             if sync is not None and sync.due(done):
                 soft_update(moving_reference, engine.module, sync.alpha)
