@@ -4,7 +4,8 @@ The packed path computes the same quantities as the padded ``[2B, L]`` block in 
 matrix shapes, attention over segments), so fp32 values agree to float rounding, not bit for bit; the
 issue's tolerance is 1e-5 (absolute, on log-probs of a few nats and on per-step losses), about 7× the
 largest difference measured on values (1.4e-6); parameter gradients are held to 1e-5 of each
-tensor's largest entry (see :func:`_assert_gradients_close`).
+tensor's largest entry (see :func:`_assert_gradients_close`). IS-DAA's step losses get a wider bound,
+derived from the rounding of its un-β-scaled importance weight (see ``UNSCALED_SEQUENCE_WEIGHT``).
 """
 
 import json
@@ -309,7 +310,26 @@ def test_every_registered_loss_trains_to_the_same_step_losses(name, tiny_prepare
                                f"model.padding_free={padding_free}", f"train.output_dir={out}"]))
         losses.append(_step_losses(out))
     assert len(losses[0]) == 5
-    assert losses[1] == pytest.approx(losses[0], abs=TOLERANCE)
+    tolerance = TOLERANCE
+    if name in UNSCALED_SEQUENCE_WEIGHT:
+        tolerance += _weight_rounding(out, losses[0])
+    assert losses[1] == pytest.approx(losses[0], abs=tolerance)
+
+
+# Losses whose value is multiplied by exp(Σ log π_θ − Σ log π_ref) with no β in front (IS-DAA's importance
+# weight). The padded and packed summed log-probs each round to about ε₃₂·|Σ log p| (a few hundred nats
+# here, so ~5e-5 in log w), and that error reaches the loss as a relative error, not shrunk by β as in DPO:
+# the step loss may differ by up to loss · ε₃₂ · (|Σ log p_w| + |Σ log p_l|). Measured: 1.09e-5 at step 5
+# (loss 0.671, sums ≈ 254 + 176 nats, bound ≈ 3.4e-5); every other loss stays under 1.6e-6.
+UNSCALED_SEQUENCE_WEIGHT = {"is_daa", "is_ipo"}
+EPS32 = 2.0 ** -23
+
+
+def _weight_rounding(out_dir: Path, step_losses):
+    """Per step, ``loss · ε₃₂ · (|logps/chosen| + |logps/rejected|)`` from the run's logged batch means."""
+    rows = [json.loads(line) for line in open(out_dir / "logs.jsonl") if '"loss"' in line]
+    return max(abs(loss) * EPS32 * (abs(row["logps/chosen"]) + abs(row["logps/rejected"]))
+               for loss, row in zip(step_losses, rows))
 
 
 @pytest.mark.float_sensitive
