@@ -38,3 +38,23 @@ def test_two_process_zero2_matches_one_process(tiny_prepared, tmp_path):
     train(load_config([], common + ["train.micro_batch_size=2", f"train.output_dir={tmp_path / 'one'}"]))
     assert step_losses(two) == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
     assert (two / "final" / "model.safetensors").exists()
+
+
+def test_a_launched_command_exits_with_its_code_and_all_its_output(tiny_prepared):
+    """Under a launcher (``RANK`` set) ``python -m dpo_zoo.cli`` skips interpreter teardown; what it
+    printed (to a pipe with PYTHONUNBUFFERED unset, so block-buffered) and its exit code are those of the plain run, for a command
+    that succeeds and one that fails."""
+    prepared = next(o.split("=", 1)[1] for o in tiny_prepared if o.startswith("prep.output_dir="))
+    results = {}
+    for launched in (False, True):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "PYTHONUNBUFFERED")}
+        if launched:
+            env["RANK"] = "0"
+        for target in (prepared, prepared + "-missing"):
+            done = subprocess.run([sys.executable, "-m", "dpo_zoo.cli", "doctor", target], env=env,
+                                  capture_output=True, text=True, timeout=300)
+            results[launched, target] = done.returncode, done.stdout, done.stderr
+    for target in (prepared, prepared + "-missing"):
+        assert results[True, target] == results[False, target]
+    assert results[True, prepared][0] == 0 and results[True, prepared][1].strip()
+    assert results[True, prepared + "-missing"][0] == 2 and "doctor" in results[True, prepared + "-missing"][2]
