@@ -592,6 +592,5 @@ def _grad_norm(engine) -> float:
     grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype != torch.float64 else torch.linalg.vector_norm(g)
-             for g in grads]
-    return math.sqrt(float(torch.stack([n.double() for n in norms]).square().sum().cpu()))
+    norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).double() for g in grads]
+    return math.sqrt(float(torch.stack(norms).square().sum().cpu()))
